@@ -1,0 +1,15 @@
+import os
+import sys
+
+# Triton kernels run in the interpreter on machines without a GPU. This must be set before any
+# @triton.jit function is defined, so it happens here, before the test modules import kernels/.
+try:
+    import torch
+    _has_gpu = torch.cuda.is_available()
+except ImportError:
+    _has_gpu = False
+if not _has_gpu:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Let tests import the top-level modules (model, data, oreo, search, kernels) from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
