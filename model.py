@@ -1,0 +1,613 @@
+"""The transformer: GPT-2 and the Llama family (Llama, Mistral, Qwen2, Qwen3), loaded from and saved to
+Hugging Face checkpoint folders (config.json + safetensors), a preallocated KV cache for generation, and the
+value model (a transformer with a scalar head) that OREO trains next to the policy.
+
+Loading builds the model on the meta device and assigns the checkpoint's tensors straight in the requested dtype,
+so peak memory is one copy of the weights. Every checkpoint family has one name-mapping table (`hf_names`) used
+both ways, by loading and by saving.
+"""
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclass
+class Config:
+    model_type: str = "llama"    # one of SUPPORTED; "gpt2" selects the GPT-2 block, the rest the Llama block
+    vocab_size: int = 258        # rows of the embedding and of the head
+    n_layer: int = 4             # transformer blocks
+    n_head: int = 4              # query heads
+    n_kv_head: int = 0           # key/value heads (grouped-query attention); 0 means n_head
+    d_model: int = 128           # residual stream width D
+    head_dim: int = 0            # per-head width; 0 means d_model // n_head (Qwen3 sets it explicitly)
+    d_ff: int = 0                # MLP hidden width; 0 means 4 * d_model
+    max_seq_len: int = 1024      # longest sequence (GPT-2: rows of the position table)
+    norm_eps: float = 1e-5       # epsilon of LayerNorm (GPT-2) / RMSNorm (Llama family)
+    rope_theta: float = 10000.0  # RoPE base (Llama family; unused by GPT-2)
+    tie_embeddings: bool = True  # head weight is the embedding weight (lm_head.weight absent from the file)
+    qkv_bias: bool = False       # biases on q/k/v (Qwen2; GPT-2 always has them)
+    qk_norm: bool = False        # RMSNorm on each query/key head before RoPE (Qwen3)
+    bos_token_id: int | None = None              # carried to config.json for generation tools
+    eos_token_id: int | list[int] | None = None  # idem (some configs list several)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.d_model // self.n_head
+        self.d_ff = self.d_ff or 4 * self.d_model
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.model_type == "gpt2" and (self.qk_norm or self.n_kv_head != self.n_head):
+            raise ValueError("gpt2 has neither qk_norm nor grouped-query attention")
+
+    @classmethod
+    def from_hf(cls, hf, source="config.json"):
+        """Config from a Hugging Face config.json dict; settings that would change results are refused."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED)}")
+
+        def need(key):
+            if key not in hf:
+                raise ValueError(f"{source}: setting {key!r} is missing (needed for model_type {model_type!r})")
+            return hf[key]
+
+        def refuse(setting, why):
+            raise ValueError(f"{source}: {setting} is not supported: {why}")
+
+        tokens = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+        if model_type == "gpt2":
+            if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                refuse(f"activation_function {hf['activation_function']!r}", "GPT-2 here uses tanh GELU")
+            if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+                refuse("scale_attn_by_inverse_layer_idx / scale_attn_weights=false", "attention scale is 1/√d")
+            d_model = need("n_embd")
+            return cls(model_type, need("vocab_size"), need("n_layer"), need("n_head"), 0, d_model, 0,
+                       hf.get("n_inner") or 4 * d_model, need("n_positions"), hf.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=True, **tokens)
+
+        # Llama family. transformers 5 writes rope_parameters {"rope_type", "rope_theta"}; older files have
+        # top-level rope_theta and rope_scaling.
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        for scaling in (hf.get("rope_scaling"), rope):
+            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+            if kind != "default":
+                refuse(f"RoPE scaling {kind!r}", "it changes the positions' rotation; only 'default' is exact here")
+        if hf.get("hidden_act", "silu") != "silu":
+            refuse(f"hidden_act {hf['hidden_act']!r}", "the Llama-family MLP here is SwiGLU (silu)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            refuse("attention_bias / mlp_bias = true", "only Qwen2's q/k/v biases are implemented")
+        # Mistral has no switch: its window applies whenever it is set. Qwen2/Qwen3 need use_sliding_window.
+        max_pos = need("max_position_embeddings")
+        window = hf.get("sliding_window")
+        if hf.get("use_sliding_window", model_type == "mistral") and window is not None and window < max_pos:
+            refuse(f"sliding_window {window} < max_position_embeddings {max_pos}",
+                   "sliding-window attention is not implemented; set sliding_window to null if your sequences "
+                   "are never longer than the window")
+        if "sliding_attention" in (hf.get("layer_types") or []):
+            refuse("layer_types with 'sliding_attention'", "sliding-window attention is not implemented")
+        d_model, n_head = need("hidden_size"), need("num_attention_heads")
+        return cls(model_type, need("vocab_size"), need("num_hidden_layers"), n_head,
+                   hf.get("num_key_value_heads") or n_head, d_model, hf.get("head_dim") or d_model // n_head,
+                   need("intermediate_size"), max_pos, hf.get("rms_norm_eps", 1e-6), float(rope_theta),
+                   tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2",
+                   qk_norm=model_type == "qwen3", **tokens)
+
+    def to_hf(self, dtype=torch.float32):
+        """The config.json dict that transformers (and vLLM) read back as this exact model."""
+        dtype_name = str(dtype).removeprefix("torch.")
+        common = dict(model_type=self.model_type, architectures=[ARCHITECTURES[self.model_type]],
+                      vocab_size=self.vocab_size, tie_word_embeddings=self.tie_embeddings,
+                      bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                      torch_dtype=dtype_name, dtype=dtype_name)
+        if self.model_type == "gpt2":
+            return dict(common, n_embd=self.d_model, n_layer=self.n_layer, n_head=self.n_head, n_inner=self.d_ff,
+                        n_positions=self.max_seq_len, layer_norm_epsilon=self.norm_eps,
+                        activation_function="gelu_new")
+        hf = dict(common, hidden_size=self.d_model, num_hidden_layers=self.n_layer,
+                  num_attention_heads=self.n_head, num_key_value_heads=self.n_kv_head, head_dim=self.head_dim,
+                  intermediate_size=self.d_ff, max_position_embeddings=self.max_seq_len,
+                  rms_norm_eps=self.norm_eps, hidden_act="silu", rope_theta=self.rope_theta,
+                  rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        if self.model_type != "llama":
+            hf.update(sliding_window=None, use_sliding_window=False)
+        return hf
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as the Hugging Face Llama/Qwen code does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(config, dim):
+    if config.model_type == "gpt2":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos, sin (B, 1, T, head_dim) for integer positions (B, T); computed in fp32 like transformers."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions[..., None].float() * inv_freq                   # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]              # (B, 1, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (the Hugging Face layout, so checkpoint q/k weights need no permutation)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        gpt2 = config.model_type == "gpt2"
+        # q, k and v in one matmul: rows [q (n_head*hd); k (n_kv_head*hd); v (n_kv_head*hd)]
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=config.qkv_bias or gpt2)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=gpt2)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+
+    def forward(self, x, rope, mask, kv_cache=None, decode_pos=None):
+        """x (B, T, D); rope = (cos, sin) or None (GPT-2); mask None (causal) or bool (B, 1, T, S), True =
+        attend. With kv_cache = (k_buf, v_buf) each (B, n_kv_head, max_len, hd): prefill (decode_pos None)
+        writes positions 0..T-1; decode writes the single token of row b at decode_pos[b] and attends over
+        the whole buffer (mask hides what is not written yet)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                     self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                            # (B, nh, T, hd), (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)     # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k_buf, v_buf = kv_cache
+            if decode_pos is None:
+                k_buf[:, :, :T], v_buf[:, :, :T] = k, v
+            else:
+                rows = torch.arange(B, device=x.device)
+                k_buf[rows, :, decode_pos], v_buf[rows, :, decode_pos] = k[:, :, 0], v[:, :, 0]
+                k, v = k_buf, v_buf
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)   # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gpt2 = config.model_type == "gpt2"
+        # GPT-2: fc is c_fc, then tanh GELU. Llama: fc holds [gate; up] in one matmul, then SwiGLU.
+        self.fc = nn.Linear(config.d_model, config.d_ff * (1 if self.gpt2 else 2), bias=self.gpt2)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=self.gpt2)
+
+    def forward(self, x):
+        if self.gpt2:
+            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(config, config.d_model), Attention(config)
+        self.mlp_norm, self.mlp = make_norm(config, config.d_model), MLP(config)
+
+    def forward(self, x, rope, mask, kv_cache=None, decode_pos=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, decode_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The KV cache
+
+
+@dataclass
+class Cache:
+    k: torch.Tensor        # (n_layer, B, n_kv_head, max_len, head_dim)
+    v: torch.Tensor        # same
+    lengths: torch.Tensor  # (B,) long: tokens written per row; the next token of row b goes to position lengths[b]
+
+    def select(self, rows):
+        """A cache holding the given rows (B',) in that order, e.g. the beams kept by a search step."""
+        return Cache(self.k[:, rows], self.v[:, rows], self.lengths[rows])
+
+
+def padding_mask(attention_mask):
+    """Bool (B, 1, T, T), True where query t may attend key s: s ≤ t and s is a real token. Each position
+    also sees itself, so a query on a left pad is never fully masked (that would give NaN)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    real_key = attention_mask.bool()[:, None, None, :]                          # (B, 1, 1, T)
+    return causal & (real_key | torch.eye(T, dtype=torch.bool, device=attention_mask.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.model_type == "gpt2" else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._residual = {id(m) for block in self.layers for m in (block.attn.proj, block.mlp.proj)}
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, module):
+        # GPT-2's init, with the residual projections scaled down by √(2·n_layer); only for training from scratch
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if id(module) in self._residual else 0.02
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_gradient_checkpointing(self, enabled):
+        """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
+        self.gradient_checkpointing = enabled
+
+    def _run(self, input_ids, positions, mask, cache=None, decode_pos=None):
+        """Final hidden states (B, T, D) for tokens at explicit positions (B, T)."""
+        x = self.tok_emb(input_ids)                                            # (B, T, D)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.layers):
+            kv_cache = None if cache is None else (cache.k[i], cache.v[i])
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, kv_cache, decode_pos)
+        return self.norm(x)
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """(B, T, D) after the final norm. attention_mask (B, T) is 1 on real tokens (left or right padding);
+        right padding alone needs no mask, since causal attention never looks ahead."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            return self._run(input_ids, positions, None)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)      # (B, T); pads before row start → 0
+        return self._run(input_ids, positions, padding_mask(attention_mask))
+
+    def forward(self, input_ids, attention_mask=None):
+        """Logits (B, T, V) in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    # -- generation with the KV cache ------------------------------------------------------------------------
+
+    def new_cache(self, batch_size, max_len):
+        p = self.tok_emb.weight
+        shape = (self.config.n_layer, batch_size, self.config.n_kv_head, max_len, self.config.head_dim)
+        return Cache(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                     torch.zeros(shape, dtype=p.dtype, device=p.device),
+                     torch.zeros(batch_size, dtype=torch.long, device=p.device))
+
+    @torch.no_grad()
+    def prefill(self, input_ids, lengths, cache):
+        """Write prompts (B, T) right padded, real lengths (B,), into an empty cache; logits (B, V) at each row's
+        last real token. The pads' keys are written too, but decode overwrites them before anyone attends."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self._run(input_ids, positions, None, cache)                      # (B, T, D)
+        cache.lengths.copy_(lengths)
+        return self.lm_head(h[torch.arange(B, device=h.device), lengths - 1])
+
+    @torch.no_grad()
+    def decode(self, tokens, cache):
+        """Append one token per row (B,) at position cache.lengths[b]; logits (B, V) for the next token."""
+        pos = cache.lengths.clone()                                            # (B,)
+        S = cache.k.shape[3]
+        mask = (torch.arange(S, device=pos.device) <= pos[:, None])[:, None, None, :]   # (B, 1, 1, S)
+        h = self._run(tokens[:, None], pos[:, None], mask, cache, decode_pos=pos)      # (B, 1, D)
+        cache.lengths += 1
+        return self.lm_head(h[:, 0])
+
+    # -- Hugging Face checkpoints ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+        folder = Path(folder)
+        config = Config.from_hf(read_json(folder / "config.json"), source=str(folder / "config.json"))
+        tensors = load_hf_tensors(folder, config, dtype, device)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        return model
+
+    def save_pretrained(self, folder, max_shard_size=5 * 2**30):
+        """Write config.json and model.safetensors (sharded with model.safetensors.index.json above
+        max_shard_size bytes) in Hugging Face naming. Atomic: the folder is replaced whole, only once the new
+        one is complete, so other files in it (a tokenizer) must be written after."""
+        with atomic_folder(folder) as tmp:
+            self.write_hf(tmp, max_shard_size)
+
+    def write_hf(self, folder, max_shard_size):
+        config, state = self.config, self.state_dict()
+        dtype = self.tok_emb.weight.dtype
+        hf_tensors = {}
+        for ours, (names, sizes, conv1d) in hf_names(config).items():
+            if ours not in state or (ours == "lm_head.weight" and config.tie_embeddings):
+                continue
+            for name, piece in zip(names, state[ours].split(sizes)):
+                hf_tensors[name] = (piece.t() if conv1d else piece).detach().contiguous().cpu()
+        (Path(folder) / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2))
+        write_safetensors(folder, hf_tensors, max_shard_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint naming: one table per family, used both ways
+
+
+def hf_names(config):
+    """Our parameter name -> (HF tensor names, their sizes along dim 0, Conv1D). Several names are concatenated
+    along dim 0 (q/k/v, gate/up); GPT-2's Conv1D weights are stored transposed, (in, out)."""
+    L, nq, nkv, F_ = config.n_layer, config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.d_ff
+    D, V, P = config.d_model, config.vocab_size, config.max_seq_len
+    if config.model_type == "gpt2":
+        t = {"tok_emb.weight": (["transformer.wte.weight"], [V], False),
+             "pos_emb.weight": (["transformer.wpe.weight"], [P], False),
+             "norm.weight": (["transformer.ln_f.weight"], [D], False),
+             "norm.bias": (["transformer.ln_f.bias"], [D], False)}
+        for i in range(L):
+            h, o = f"transformer.h.{i}.", f"layers.{i}."
+            t.update({o + "attn_norm.weight": ([h + "ln_1.weight"], [D], False),
+                      o + "attn_norm.bias": ([h + "ln_1.bias"], [D], False),
+                      o + "attn.qkv.weight": ([h + "attn.c_attn.weight"], [3 * D], True),
+                      o + "attn.qkv.bias": ([h + "attn.c_attn.bias"], [3 * D], False),
+                      o + "attn.proj.weight": ([h + "attn.c_proj.weight"], [D], True),
+                      o + "attn.proj.bias": ([h + "attn.c_proj.bias"], [D], False),
+                      o + "mlp_norm.weight": ([h + "ln_2.weight"], [D], False),
+                      o + "mlp_norm.bias": ([h + "ln_2.bias"], [D], False),
+                      o + "mlp.fc.weight": ([h + "mlp.c_fc.weight"], [F_], True),
+                      o + "mlp.fc.bias": ([h + "mlp.c_fc.bias"], [F_], False),
+                      o + "mlp.proj.weight": ([h + "mlp.c_proj.weight"], [D], True),
+                      o + "mlp.proj.bias": ([h + "mlp.c_proj.bias"], [D], False)})
+    else:
+        t = {"tok_emb.weight": (["model.embed_tokens.weight"], [V], False),
+             "norm.weight": (["model.norm.weight"], [D], False)}
+        for i in range(L):
+            h, o = f"model.layers.{i}.", f"layers.{i}."
+            a = h + "self_attn."
+            t.update({o + "attn_norm.weight": ([h + "input_layernorm.weight"], [D], False),
+                      o + "attn.qkv.weight": ([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                                              [nq, nkv, nkv], False),
+                      o + "attn.proj.weight": ([a + "o_proj.weight"], [D], False),
+                      o + "mlp_norm.weight": ([h + "post_attention_layernorm.weight"], [D], False),
+                      o + "mlp.fc.weight": ([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], [F_, F_], False),
+                      o + "mlp.proj.weight": ([h + "mlp.down_proj.weight"], [D], False)})
+            if config.qkv_bias:
+                t[o + "attn.qkv.bias"] = ([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+                                          [nq, nkv, nkv], False)
+            if config.qk_norm:
+                t[o + "attn.q_norm.weight"] = ([a + "q_norm.weight"], [config.head_dim], False)
+                t[o + "attn.k_norm.weight"] = ([a + "k_norm.weight"], [config.head_dim], False)
+    t["lm_head.weight"] = (["lm_head.weight"], [V], False)
+    return t
+
+
+# Buffers that some checkpoints carry but that are recomputed, never loaded: GPT-2's causal mask, old RoPE tables
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def read_json(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder needs a Hugging Face config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def checkpoint_files(folder):
+    """tensor name -> safetensors file, from model.safetensors or the sharded index."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map'")
+        return {name: folder / file for name, file in weight_map.items()}
+    if single.is_file():
+        return None
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found "
+                            f"(present: {present}); .bin checkpoints must be converted to safetensors first")
+
+
+@contextmanager
+def open_safetensors(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (listed in the checkpoint index)")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a truncated or corrupt header
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    with handle as f:
+        yield f
+
+
+def load_hf_tensors(folder, config, dtype, device):
+    """Our state dict, built from the checkpoint's tensors with the family's name table; each piece is
+    shape-checked, cast and moved one at a time (peak memory: one copy of the weights, plus one tensor)."""
+    files = checkpoint_files(folder)
+    if files is None:
+        with open_safetensors(folder / "model.safetensors") as f:
+            files = {name: folder / "model.safetensors" for name in f.keys()}
+    table = hf_names(config)
+    if "lm_head.weight" not in files or config.tie_embeddings:
+        config.tie_embeddings = True
+        del table["lm_head.weight"]
+    expected = {}  # HF name -> (our name, expected shape)
+    with torch.device("meta"):
+        meta_state = Transformer(config).state_dict()
+    for ours, (names, sizes, conv1d) in table.items():
+        for name, size in zip(names, sizes):
+            shape = (size, *meta_state[ours].shape[1:])
+            expected[name] = (ours, shape[::-1] if conv1d else shape)
+    missing = [name for name in expected if name not in files]
+    if missing:
+        raise ValueError(f"{folder}: tensor {missing[0]} is missing from the checkpoint "
+                         f"({len(missing)} missing in all) for model_type {config.model_type!r}")
+    unexpected = [n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and config.tie_embeddings)]
+    if unexpected:
+        raise ValueError(f"{folder}: unexpected tensor {unexpected[0]} in {files[unexpected[0]].name} "
+                         f"({len(unexpected)} unexpected in all): not part of a {config.model_type!r} model")
+    pieces = {}
+    for path in sorted(set(files[name] for name in expected)):
+        with open_safetensors(path) as f:
+            for name in (n for n in expected if files[n] == path):
+                ours, shape = expected[name]
+                if tuple(f.get_slice(name).get_shape()) != shape:
+                    raise ValueError(f"{path.name}: tensor {name} has shape {tuple(f.get_slice(name).get_shape())}"
+                                     f", but config.json implies {shape}")
+                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                pieces[name] = tensor.t() if table[ours][2] else tensor
+    state = {ours: torch.cat([pieces.pop(n) for n in names]) if len(names) > 1 else pieces.pop(names[0]).contiguous()
+             for ours, (names, _, _) in table.items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def write_safetensors(folder, tensors, max_shard_size):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the size."""
+    shards, size = [{}], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(Path(folder) / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(Path(folder) / file), metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@contextmanager
+def atomic_folder(folder):
+    """Yield a temporary folder next to `folder`; once the body finished, it replaces `folder`. A crash while
+    writing leaves the old folder untouched (and a .tmp folder behind)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The value model
+
+
+class ValueModel(nn.Module):
+    """V(s_j): a transformer backbone and a bias-free Linear(D, 1) head on its last hidden state, zero at start
+    (so every value starts at 0). Saved as a causal-LM folder plus value_head.safetensors."""
+
+    def __init__(self, config, backbone=None):
+        super().__init__()
+        self.backbone = backbone if backbone is not None else Transformer(config)
+        p = self.backbone.tok_emb.weight
+        self.head = nn.Linear(self.backbone.config.d_model, 1, bias=False, device=p.device, dtype=p.dtype)
+        nn.init.zeros_(self.head.weight)
+        # An untied lm_head gets no gradient here; freezing it keeps DDP from waiting for it. A tied one is the
+        # embedding, which does get gradients.
+        if not self.backbone.config.tie_embeddings:
+            self.backbone.lm_head.weight.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+        model = cls(None, Transformer.from_pretrained(folder, dtype=dtype, device=device))
+        head_file = Path(folder) / "value_head.safetensors"
+        if head_file.exists():
+            with open_safetensors(head_file) as f:
+                if "weight" not in f.keys():
+                    raise ValueError(f"{head_file}: tensor 'weight' is missing")
+                weight = f.get_tensor("weight")
+            if weight.shape != model.head.weight.shape:
+                raise ValueError(f"{head_file}: tensor weight has shape {tuple(weight.shape)}, "
+                                 f"expected {tuple(model.head.weight.shape)}")
+            with torch.no_grad():
+                model.head.weight.copy_(weight)
+        return model
+
+    def set_gradient_checkpointing(self, enabled):
+        self.backbone.set_gradient_checkpointing(enabled)
+
+    def forward(self, input_ids, attention_mask=None):
+        """Values (B, T) float32; the head runs in fp32 so bf16 values are not rounded to 3 digits."""
+        h = self.backbone.hidden_states(input_ids, attention_mask)            # (B, T, D)
+        return F.linear(h.float(), self.head.weight.float()).squeeze(-1)
+
+    def save_pretrained(self, folder, max_shard_size=5 * 2**30):
+        with atomic_folder(folder) as tmp:
+            self.backbone.write_hf(tmp, max_shard_size)
+            save_file({"weight": self.head.weight.detach().contiguous().cpu()}, str(tmp / "value_head.safetensors"))
