@@ -1,0 +1,610 @@
+"""Sampling, offline data collection, value-guided step-level beam search, best-of-K, and evaluation.
+
+    python search.py collect --policy sft/ --problems train.jsonl --out trajectories.jsonl -k 10
+    python search.py eval --policy oreo/policy --value oreo/value --problems test.jsonl --methods greedy,beam5
+
+The engine: prompts of any lengths share one batch; prefill writes them into the model's KV cache, then one decode
+step per token. Each row stops on EOS, on a stop string (matched on the decoded text, so "\\n" is found also inside
+a token like ".\\n\\n" and ". " across two tokens) or at its token limit; finished rows leave the batch.
+`generate_naive` (a full forward per token) is kept beside it as the reference the tests compare with.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+from model import Transformer, ValueModel
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and generation
+
+
+def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Next tokens (B,) from logits (B, V). temperature 0 = argmax; top_k 0 and top_p 1 switch those filters off."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already hold top_p of the mass (the first one always stays)
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    # argmax(p / E) with E ~ Exp(1) is a sample from p (the exponential race); unlike torch.multinomial it never
+    # synchronises with the GPU and draws the same random numbers however the batch is laid out in memory
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def _check_stop(tokenizer, tokens, limit, stop):
+    """Why a row with these new tokens is finished: "eos", "stop" (a stop string ends in its last token),
+    "length", or None. A stop string of n bytes ends within the last n tokens (every token is at least one
+    byte), and earlier positions were checked at earlier steps, so decoding that tail is enough."""
+    if tokenizer is not None and tokens and tokens[-1] == tokenizer.eos_id:
+        return "eos"
+    if stop:
+        tail = tokenizer.decode(tokens[-max(len(s.encode()) for s in stop):])
+        if any(s in tail for s in stop):
+            return "stop"
+    if len(tokens) >= limit:
+        return "length"
+    return None
+
+
+def _limits(model, prompts, max_new_tokens):
+    """Per-row new-token limits: max_new_tokens (an int or one per row), cut to the model's max_seq_len."""
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    limits = []
+    for i, (prompt, n) in enumerate(zip(prompts, max_new_tokens)):
+        if not prompt or len(prompt) > model.config.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens; it needs 1 to max_seq_len = "
+                             f"{model.config.max_seq_len} tokens")
+        limits.append(max(0, min(n, model.config.max_seq_len - len(prompt))))
+    return limits
+
+
+@torch.no_grad()
+def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                         generator=None, stop=()):
+    """New tokens per prompt (EOS included when sampled) and why each row stopped ("eos" | "stop" | "length").
+    tokenizer None means no EOS and no stop strings (benchmarks)."""
+    device = model.lm_head.weight.device
+    limits = _limits(model, prompts, max_new_tokens)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)                   # right padded
+    for b, p in enumerate(prompts):
+        input_ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    cache = model.new_cache(B, max(len(p) + n for p, n in zip(prompts, limits)))
+    logits = model.prefill(input_ids, lengths, cache)                                # (B, V)
+    out = [[] for _ in prompts]
+    finish = ["length" if n == 0 else None for n in limits]
+    active = [b for b in range(B) if finish[b] is None]   # the prompt index of each row of the cache
+    if len(active) < B:
+        cache, logits = cache.select(torch.tensor(active, dtype=torch.long, device=device)), logits[active]
+    while active:
+        next_ids = sample_next(logits, temperature, top_p, top_k, generator)        # (B_active,)
+        keep = []
+        for row, (b, token) in enumerate(zip(active, next_ids.tolist())):
+            out[b].append(token)
+            finish[b] = _check_stop(tokenizer, out[b], limits[b], stop)
+            if finish[b] is None:
+                keep.append(row)
+        if len(keep) < len(active):  # finished rows leave the batch (and so never outgrow the cache)
+            rows = torch.tensor(keep, dtype=torch.long, device=device)
+            active, next_ids, cache = [active[r] for r in keep], next_ids[rows], cache.select(rows)
+        if active:
+            logits = model.decode(next_ids, cache)
+    return out, finish
+
+
+@torch.no_grad()
+def generate_naive(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                   generator=None, stop=()):
+    """The reference for the engine above: no cache, the whole right-padded batch through the model per token.
+    Returns the same (tokens, finish) and draws the same random numbers."""
+    device = model.lm_head.weight.device
+    limits = _limits(model, prompts, max_new_tokens)
+    out = [[] for _ in prompts]
+    finish = ["length" if n == 0 else None for n in limits]
+    while any(f is None for f in finish):
+        active = [b for b, f in enumerate(finish) if f is None]
+        seqs = [prompts[b] + out[b] for b in active]
+        T = max(len(s) for s in seqs)
+        input_ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        logits = model(input_ids)[torch.arange(len(seqs), device=device), last]     # (B_active, V)
+        for b, token in zip(active, sample_next(logits, temperature, top_p, top_k, generator).tolist()):
+            out[b].append(token)
+            finish[b] = _check_stop(tokenizer, out[b], limits[b], stop)
+    return out, finish
+
+
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, generator=None,
+             stop=()):
+    """New tokens (list[list[int]]) for each prompt (list[list[int]]); EOS is the last token when sampled."""
+    return generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, generator,
+                                stop)[0]
+
+
+def sample_batched(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling):
+    """generate_with_finish over batches of batch_size prompts (longest first, so that a batch holds similar
+    lengths); results in the order of prompts."""
+    limits = _limits(model, prompts, max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out, finish = [None] * len(prompts), [None] * len(prompts)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        tokens, why = generate_with_finish(model, tokenizer, [prompts[j] for j in idx], [limits[j] for j in idx],
+                                           **sampling)
+        for j, t, w in zip(idx, tokens, why):
+            out[j], finish[j] = t, w
+    return out, finish
+
+
+@torch.no_grad()
+def last_token_values(value_model, seqs, batch_size=64):
+    """V(s) at the last token of each sequence (list[list[int]]) -> list[float]; batches of similar lengths."""
+    device = value_model.head.weight.device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    values = [0.0] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        T = len(seqs[idx[0]])
+        input_ids = torch.tensor([seqs[j] + [0] * (T - len(seqs[j])) for j in idx], device=device)  # (B, T)
+        last = torch.tensor([len(seqs[j]) - 1 for j in idx], device=device)
+        v = value_model(input_ids)[torch.arange(len(idx), device=device), last]    # right padding needs no mask
+        for j, x in zip(idx, v.tolist()):
+            values[j] = x
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Value-guided step-level beam search and best-of-K (DESIGN §1, "Test-time search")
+
+
+def beam_search(prompts, expand, value, beam_width, max_steps=20):
+    """Value-guided step-level beam search, for many prompts at once.
+
+    expand(pairs) -> [(new_tokens, finish)]: one sampled continuation per (prompt, response) pair, up to the next
+    step delimiter; finish is "stop" at a delimiter, "eos" or "length" when the answer is complete.
+    value(seqs) -> [float]: the value at the last token of each token sequence.
+    Each prompt starts with one empty beam; every beam samples beam_width continuations; each candidate is scored
+    at its last token (a finished one at the token before EOS: the state whose action is EOS; the EOS position is
+    never trained); finished candidates go to a pool; the beam_width best unfinished ones (earlier candidate
+    first on ties) are the next beams. After max_steps expansions, beams still open join the pool as they are.
+    Returns per prompt {"response": tokens, "value", "pool": [(value, tokens)], "tokens": tokens sampled}.
+    """
+    beams = [[(0.0, [])] for _ in prompts]       # per prompt: (value, response tokens)
+    pools = [[] for _ in prompts]
+    sampled = [0] * len(prompts)
+    for _ in range(max_steps):
+        owners = [i for i, bs in enumerate(beams) for _ in bs for _ in range(beam_width)]
+        parents = [resp for bs in beams for _, resp in bs for _ in range(beam_width)]
+        if not owners:
+            break
+        steps = expand([(prompts[i], resp) for i, resp in zip(owners, parents)])
+        candidates = [(i, parent + new, why) for i, parent, (new, why) in zip(owners, parents, steps)]
+        values = value([prompts[i] + (resp[:-1] if why == "eos" else resp) for i, resp, why in candidates])
+        open_ = [[] for _ in prompts]
+        for (i, resp, why), v, (new, _) in zip(candidates, values, steps):
+            sampled[i] += len(new)
+            (open_ if why == "stop" else pools)[i].append((v, resp))
+        # sorted() is stable: among equal values the earlier candidate (earlier beam, earlier sample) wins
+        beams = [sorted(cands, key=lambda c: -c[0])[:beam_width] for cands in open_]
+    results = []
+    for pool, bs, n in zip(pools, beams, sampled):
+        pool = pool + bs
+        best_value, best = max(pool, key=lambda c: c[0]) if pool else (float("nan"), [])  # max keeps the first
+        results.append({"response": best, "value": best_value, "pool": pool, "tokens": n})
+    return results
+
+
+def value_beam_search(policy, tokenizer, value_fn, prompts, beam_width, delimiters, max_new_tokens,
+                      temperature=1.0, top_p=1.0, top_k=0, generator=None, batch_size=64, max_steps=20):
+    """beam_search with steps sampled from the policy up to a delimiter; a response holds at most max_new_tokens.
+    value_fn(seqs) -> values at the last token, e.g. partial(last_token_values, value_model); the policy and the
+    value may come from different runs (an SFT policy guided by an OREO value isolates what the value adds)."""
+    def expand(pairs):
+        tokens, finish = sample_batched(policy, tokenizer, [p + r for p, r in pairs],
+                                        [max_new_tokens - len(r) for _, r in pairs], batch_size,
+                                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                        stop=tuple(delimiters))
+        return list(zip(tokens, finish))
+    return beam_search(prompts, expand, value_fn, beam_width, max_steps)
+
+
+def best_of_k(policy, tokenizer, value_fn, prompts, k, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+              generator=None, stop=(), batch_size=64):
+    """K samples per prompt, each scored by the value at its last token (before EOS when it ended with EOS).
+    Returns per prompt {"samples": [tokens] * K, "finish", "values", "best": index of the highest value (first
+    on ties)}. With stop strings that end a turn this is per-turn action selection (see select_action)."""
+    seqs = [p for p in prompts for _ in range(k)]
+    tokens, finish = sample_batched(policy, tokenizer, seqs, max_new_tokens, batch_size, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, generator=generator, stop=tuple(stop))
+    values = value_fn([s + (t[:-1] if w == "eos" else t) for s, t, w in zip(seqs, tokens, finish)])
+    results = []
+    for i in range(len(prompts)):
+        vs = values[i * k:(i + 1) * k]
+        results.append({"samples": tokens[i * k:(i + 1) * k], "finish": finish[i * k:(i + 1) * k], "values": vs,
+                        "best": max(range(k), key=lambda j: vs[j])})
+    return results
+
+
+def select_action(policy, tokenizer, value_fn, prefix, k, end_of_turn, max_new_tokens=256, temperature=1.0,
+                  top_p=1.0, generator=None):
+    """Best-of-K action selection for agents: prefix (token ids) is a transcript ending where the assistant's
+    turn starts; sample K actions up to an end_of_turn string (e.g. ("<|im_end|>",)) or EOS and return the
+    (action tokens, value) of the highest-valued one. Stepping the environment is the caller's job."""
+    r = best_of_k(policy, tokenizer, value_fn, [prefix], k, max_new_tokens, temperature, top_p,
+                  generator=generator, stop=end_of_turn)[0]
+    return r["samples"][r["best"]], r["values"][r["best"]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, with the errors a user can cause
+
+
+def pick_device(name):
+    if name == "auto":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def need_folder(folder, flag):
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{flag} {folder}: no such folder (expected a checkpoint folder with config.json, "
+                                f"*.safetensors and tokenizer files)")
+
+
+def load_policy(folder, device, dtype):
+    """(Transformer in eval mode, its data.Tokenizer) from a checkpoint folder."""
+    need_folder(folder, "--policy")
+    tokenizer = data.Tokenizer.from_pretrained(folder)
+    return Transformer.from_pretrained(folder, dtype=dtype, device=device).eval(), tokenizer
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What must agree for two models to read the same token ids: special ids and every token's text."""
+    def text(i):
+        try:
+            return tokenizer.decode([i])
+        except Exception:   # an id the tokenizer cannot decode (a hole in the vocabulary) must be a hole in both
+            return None
+    return {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
+            "pad_id": tokenizer.pad_id, "tokens": [text(i) for i in range(tokenizer.vocab_size)]}
+
+
+def load_value(folder, policy, tokenizer, policy_folder, device, dtype):
+    """A ValueModel from folder, refused when its tokenizer (or vocabulary size) differs from the policy's."""
+    need_folder(folder, "--value")
+    value_model = ValueModel.from_pretrained(folder, dtype=dtype, device=device).eval()
+    ours, theirs = policy.config.vocab_size, value_model.backbone.config.vocab_size
+    if ours != theirs:
+        raise ValueError(f"--value {folder} has vocab_size {theirs} but --policy {policy_folder} has {ours}: "
+                         f"the value must be trained on the policy's tokenizer")
+    a, b = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(data.Tokenizer.from_pretrained(folder))
+    for key in a:
+        if a[key] != b[key]:
+            where = ""
+            if key == "tokens":
+                i = next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y)
+                where = f" (first difference: token id {i} is {a[key][i]!r} vs {b[key][i]!r})"
+            raise ValueError(f"--policy {policy_folder} and --value {folder} have different tokenizers: "
+                             f"{key} differs{where}; a value model only scores the token ids it was trained on")
+    return value_model
+
+
+def read_problems(path):
+    problems = data.load_problems(path)
+    if not problems:
+        raise ValueError(f"--problems {path}: the file holds no problems")
+    ids = [p["id"] for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"--problems {path}: problem id {dup!r} appears more than once (ids must be unique, "
+                         f"collect uses them to resume)")
+    return problems
+
+
+def encode_prompt(tokenizer, question, style):
+    return tokenizer.encode(data.format_prompt(question, style), allow_special=True)
+
+
+def response_text(tokenizer, tokens):
+    """The response as text, without the EOS token that ended it."""
+    if tokens and tokens[-1] == tokenizer.eos_id:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# collect: K graded samples per problem -> the trajectory JSONL that oreo.py trains on
+
+
+def read_jsonl_lines(path):
+    """Rows of a JSONL file that may have been cut by a kill: a last line without its newline is ignored."""
+    if not Path(path).exists():
+        return []
+    lines = Path(path).read_text().split("\n")
+    rows = []
+    for n, line in enumerate(lines[:-1], 1):   # lines[-1] is "" or an unfinished line
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e}); delete the line or the file") from None
+    return rows
+
+
+def merge_outputs(out, problems, k):
+    """Rewrite out (atomically) with every problem that some file (out itself, then the .part* files of the
+    ranks) holds exactly k samples of, in problem order; the part files are removed. Returns the ids kept."""
+    out = Path(out)
+    parts = sorted(out.parent.glob(out.name + ".part*"))
+    groups = {}
+    for path in [out] + parts:
+        in_file = {}
+        for row in read_jsonl_lines(path):
+            in_file.setdefault(row["id"], []).append(row)
+        for pid, rows in in_file.items():
+            if len(rows) == k and pid not in groups:
+                groups[pid] = rows
+    rows = [row for p in problems if p["id"] in groups for row in groups[p["id"]]]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out)
+    for path in parts:
+        path.unlink()
+    return set(groups)
+
+
+def format_eta(seconds):
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
+        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def collect(args):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    problems = read_problems(args.problems)
+    policy, tokenizer = load_policy(args.policy, device, pick_dtype(args.dtype, device))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:   # fold in what an interrupted run left behind, dropping half-written problems
+        merge_outputs(out, problems, args.k)
+    if world > 1:
+        dist.barrier()
+    done = {row["id"] for row in read_jsonl_lines(out)}
+    # Chunks are fixed slices of the problem file and each has its own seed, so a resumed run (or one with another
+    # number of ranks) samples exactly what an uninterrupted one would have.
+    per_chunk = max(1, args.batch_size // args.k)
+    chunks = [problems[i:i + per_chunk] for i in range(0, len(problems), per_chunk)]
+    mine = [c for c in range(rank, len(chunks), world) if any(p["id"] not in done for p in chunks[c])]
+    todo = sum(p["id"] not in done for p in problems)
+    if rank == 0:
+        print(f"collect: {len(problems)} problems, {len(done)} already in {out}, {todo} to go on {world} rank(s), "
+              f"k={args.k}", flush=True)
+    part = out.with_name(f"{out.name}.part{rank}")
+    t0, n_done, n_correct, n_samples = time.time(), 0, 0.0, 0
+    for c in mine:
+        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + c)
+        prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in chunks[c]]
+        seqs = [ids for ids in prompts for _ in range(args.k)]
+        tokens, finish = sample_batched(policy, tokenizer, seqs, args.max_new_tokens, args.batch_size,
+                                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                        generator=generator, stop=tuple(args.stop))
+        rows = []
+        for i, p in enumerate(chunks[c]):
+            if p["id"] in done:
+                continue
+            prompt = data.format_prompt(p["question"], args.prompt_style)
+            for j in range(i * args.k, (i + 1) * args.k):
+                response = response_text(tokenizer, tokens[j])
+                rows.append({"id": p["id"], "prompt": prompt, "response": response,
+                             "reward": data.grade(response, p["gold"]), "gold": p["gold"], "finish": finish[j]})
+            n_done += 1
+        with open(part, "a") as f:   # one write per chunk, whole lines: a kill loses at most this chunk
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        n_samples += len(rows)
+        n_correct += sum(r["reward"] for r in rows)
+        if rank == 0:
+            rate = n_done / (time.time() - t0)
+            eta = (todo / world - n_done) / rate
+            print(f"collect: {n_done * world}/{todo} problems (rank 0 x {world}), {n_samples / (time.time() - t0):.1f}"
+                  f" samples/s, mean reward {n_correct / n_samples:.3f}, eta {format_eta(max(eta, 0))}", flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        kept = merge_outputs(out, problems, args.k)
+        rewards = [r["reward"] for r in read_jsonl_lines(out)]
+        print(f"collect: wrote {len(rewards)} samples of {len(kept)} problems to {out} "
+              f"(mean reward {sum(rewards) / max(len(rewards), 1):.3f}) in {time.time() - t0:.0f} s", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval: greedy / sampling / beam search / best-of-K on a problem file
+
+
+def parse_methods(spec):
+    """"greedy,sample,beam3,bestof4" -> [("greedy", 1), ("sample", 1), ("beam", 3), ("bestof", 4)]."""
+    methods = []
+    for name in spec.split(","):
+        kind = name.rstrip("0123456789")
+        width = name[len(kind):]
+        if kind in ("greedy", "sample") and not width or kind in ("beam", "bestof") and width and int(width) > 0:
+            methods.append((kind, int(width or 1)))
+        else:
+            raise ValueError(f"--methods: unknown method {name!r}; use greedy, sample, beamB or bestofK "
+                             f"(e.g. beam5, bestof4)")
+    return methods
+
+
+def parse_delimiters(spec):
+    """A preset name of data.STEP_DELIMITERS ("gsm8k", "math") or a JSON list of strings."""
+    if spec in data.STEP_DELIMITERS:
+        return tuple(data.STEP_DELIMITERS[spec])
+    try:
+        delimiters = json.loads(spec)
+    except json.JSONDecodeError:
+        delimiters = None
+    if not isinstance(delimiters, list) or not delimiters or not all(isinstance(d, str) and d for d in delimiters):
+        raise ValueError(f"--delimiters {spec!r}: use a preset ({', '.join(data.STEP_DELIMITERS)}) or a JSON list "
+                         f"of non-empty strings such as '[\"\\\\n\"]'")
+    return tuple(delimiters)
+
+
+def evaluate(args):
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    methods = parse_methods(args.methods)
+    delimiters = parse_delimiters(args.delimiters)
+    problems = read_problems(args.problems)[:args.limit or None]
+    policy, tokenizer = load_policy(args.policy, device, dtype)
+    value_fn = None
+    if args.value:
+        value_model = load_value(args.value, policy, tokenizer, args.policy, device, dtype)
+        value_fn = lambda seqs: last_token_values(value_model, seqs, args.batch_size)
+    elif any(kind in ("beam", "bestof") for kind, _ in methods):
+        raise ValueError("--methods beam*/bestof* need a value model: pass --value FOLDER")
+    prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in problems]
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    summary, per_problem, choice = {}, {}, {}
+    for kind, width in methods:
+        name = kind if kind in ("greedy", "sample") else f"{kind}{width}"
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        t0 = time.time()
+        values = [None] * len(problems)
+        if kind in ("greedy", "sample"):
+            responses, _ = sample_batched(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                          generator=generator, stop=tuple(args.stop),
+                                          **(dict(sampling, temperature=0.0) if kind == "greedy" else sampling))
+            n_tokens = sum(len(r) for r in responses)
+        elif kind == "beam":
+            results = value_beam_search(policy, tokenizer, value_fn, prompts, width, delimiters,
+                                        args.max_new_tokens, generator=generator, batch_size=args.batch_size,
+                                        max_steps=args.max_steps, **sampling)
+            responses = [r["response"] for r in results]
+            values = [r["value"] for r in results]
+            n_tokens = sum(r["tokens"] for r in results)
+        else:
+            results = best_of_k(policy, tokenizer, value_fn, prompts, width, args.max_new_tokens,
+                                generator=generator, stop=tuple(args.stop), batch_size=args.batch_size, **sampling)
+            responses = [r["samples"][r["best"]] for r in results]
+            values = [r["values"][r["best"]] for r in results]
+            n_tokens = sum(len(s) for r in results for s in r["samples"])
+            # how well the value chooses among the same K samples, against chance and the best possible choice
+            correct = [[data.grade(response_text(tokenizer, s), p["gold"]) for s in r["samples"]]
+                       for r, p in zip(results, problems)]
+            choice[name] = {"by_value": sum(c[r["best"]] for c, r in zip(correct, results)) / len(problems),
+                            "random": sum(sum(c) / width for c in correct) / len(problems),
+                            "best_possible": sum(max(c) for c in correct) / len(problems)}
+        seconds = time.time() - t0
+        texts = [response_text(tokenizer, r) for r in responses]
+        rewards = [data.grade(t, p["gold"]) for t, p in zip(texts, problems)]
+        summary[name] = {"accuracy": sum(rewards) / len(problems), "tokens": n_tokens, "seconds": seconds}
+        per_problem[name] = [{"id": p["id"], "gold": p["gold"], "answer": data.extract_answer(t), "reward": r,
+                              "value": v, "response": t} for p, t, r, v in zip(problems, texts, rewards, values)]
+        print(f"eval: {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+    print(f"{'method':>10} {'accuracy':>9} {'tokens':>9} {'time s':>8} {'tokens/s':>9}   ({len(problems)} problems)")
+    for name, s in summary.items():
+        print(f"{name:>10} {s['accuracy']:9.3f} {s['tokens']:9d} {s['seconds']:8.1f} "
+              f"{s['tokens'] / max(s['seconds'], 1e-9):9.0f}")
+    for name, c in choice.items():
+        print(f"{name}: choosing among the samples by value {c['by_value']:.3f}, at random {c['random']:.3f} "
+              f"(expected), best possible {c['best_possible']:.3f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        report = {"policy": args.policy, "value": args.value, "problems": args.problems, "summary": summary,
+                  "choice": choice, "per_problem": per_problem}
+        tmp = Path(str(args.out) + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, args.out)
+        print(f"eval: per-problem results in {args.out}")
+    return summary, choice
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("model and data")
+    g.add_argument("--policy", required=True, help="policy checkpoint folder (config.json, safetensors, tokenizer)")
+    g.add_argument("--problems", required=True, help="JSONL of problems {id, question, gold} (data.load_problems)")
+    g.add_argument("--prompt-style", default="plain", help="data.format_prompt style: plain, qwen-gsm8k, "
+                   "qwen-math, deepseek (use the one the policy was trained with)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda:LOCAL_RANK if any)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    g = common.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="response length limit in tokens")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--stop", action="append", default=[], help="extra stop string ending a response, e.g. "
+                   "'<|im_end|>' when the tokenizer's EOS is another token (repeatable)")
+    g.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    g.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("collect", parents=[common], help="K graded samples per problem -> trajectory JSONL",
+                       description="Sample K responses per problem, grade them with data.grade, and append them "
+                       "to --out as {id, prompt, response, reward, gold, finish}. Resumable: problems already in "
+                       "--out (with exactly K samples) are skipped. Under torchrun each rank takes every "
+                       "WORLD_SIZE-th chunk of problems and rank 0 merges the results.")
+    p.add_argument("--out", required=True, help="trajectory JSONL to write (appended to on resume)")
+    p.add_argument("-k", "--k", type=int, default=10, help="samples per problem (paper: 10)")
+    p.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
+    p.add_argument("--top-p", type=float, default=0.95, help="paper: 0.95")
+
+    p = sub.add_parser("eval", parents=[common], help="accuracy of greedy / sampling / beam search / best-of-K",
+                       description="Print accuracy, tokens generated and time per method; --out writes the "
+                       "per-problem results as JSON.")
+    p.add_argument("--value", help="value model folder (needed by beam and bestof); may come from another run "
+                   "than --policy, e.g. the SFT policy with an OREO value to isolate what the value adds")
+    p.add_argument("--methods", default="greedy,sample,beam3,beam5,bestof4",
+                   help="comma-separated: greedy, sample, beamB (B beams, B samples each), bestofK")
+    p.add_argument("--delimiters", default="gsm8k", help="step delimiters for beam search: a preset of "
+                   "data.STEP_DELIMITERS (gsm8k, math) or a JSON list of strings")
+    p.add_argument("--max-steps", type=int, default=20, help="beam search expansions (paper: 20)")
+    p.add_argument("--temperature", type=float, default=1.0, help="for sample, beam and bestof (paper: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0: all)")
+    p.add_argument("--out", help="write per-problem results to this JSON file")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return collect(args) if args.command == "collect" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
