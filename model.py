@@ -78,15 +78,15 @@ class Config:
                 refuse(f"activation_function {hf['activation_function']!r}", "GPT-2 here uses tanh GELU")
             if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
                 refuse("scale_attn_by_inverse_layer_idx / scale_attn_weights=false", "attention scale is 1/√d")
-            d_model = need("n_embd")
-            return cls(model_type, need("vocab_size"), need("n_layer"), need("n_head"), 0, d_model, 0,
-                       hf.get("n_inner") or 4 * d_model, need("n_positions"), hf.get("layer_norm_epsilon", 1e-5),
+            return cls(model_type, vocab_size=need("vocab_size"), n_layer=need("n_layer"), n_head=need("n_head"),
+                       d_model=need("n_embd"), d_ff=hf.get("n_inner") or 4 * need("n_embd"),
+                       max_seq_len=need("n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                        tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=True, **tokens)
 
         # Llama family. transformers 5 writes rope_parameters {"rope_type", "rope_theta"}; older files have
         # top-level rope_theta and rope_scaling.
         rope = hf.get("rope_parameters") or {}
-        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
         for scaling in (hf.get("rope_scaling"), rope):
             kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
             if kind != "default":
@@ -105,9 +105,10 @@ class Config:
         if "sliding_attention" in (hf.get("layer_types") or []):
             refuse("layer_types with 'sliding_attention'", "sliding-window attention is not implemented")
         d_model, n_head = need("hidden_size"), need("num_attention_heads")
-        return cls(model_type, need("vocab_size"), need("num_hidden_layers"), n_head,
-                   hf.get("num_key_value_heads") or n_head, d_model, hf.get("head_dim") or d_model // n_head,
-                   need("intermediate_size"), max_pos, hf.get("rms_norm_eps", 1e-6), float(rope_theta),
+        return cls(model_type, vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head,
+                   n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model,
+                   head_dim=hf.get("head_dim") or d_model // n_head, d_ff=need("intermediate_size"),
+                   max_seq_len=max_pos, norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
                    tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2",
                    qk_norm=model_type == "qwen3", **tokens)
 
@@ -253,7 +254,7 @@ class Cache:
 
 def padding_mask(attention_mask):
     """Bool (B, 1, T, T), True where query t may attend key s: s ≤ t and s is a real token. Each position
-    also sees itself, so a query on a left pad is never fully masked (that would give NaN)."""
+    also sees itself, so a query on a left pad is never fully masked (some SDPA kernels give NaN there)."""
     T = attention_mask.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     real_key = attention_mask.bool()[:, None, None, :]                          # (B, 1, 1, T)
@@ -356,11 +357,12 @@ class Transformer(nn.Module):
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
         folder = Path(folder)
         config = Config.from_hf(read_json(folder / "config.json"), source=str(folder / "config.json"))
-        tensors = load_hf_tensors(folder, config, dtype, device)
-        with torch.device("meta"):
+        files = tensor_files(folder)
+        config.tie_embeddings = config.tie_embeddings or "lm_head.weight" not in files   # no head: tied
+        with torch.device("meta"):   # parameters without storage: the checkpoint's tensors are assigned below
             model = cls(config)
-        model.load_state_dict(tensors, strict=True, assign=True)
-        if config.tie_embeddings:
+        model.load_state_dict(load_hf_tensors(files, model, dtype, device), strict=True, assign=True)
+        if config.tie_embeddings:   # assign=True replaced both names by one tensor; tie the modules again
             model.lm_head.weight = model.tok_emb.weight
         return model
 
@@ -376,9 +378,7 @@ class Transformer(nn.Module):
         dtype = self.tok_emb.weight.dtype
         hf_tensors = {}
         for ours, (names, sizes, conv1d) in hf_names(config).items():
-            if ours not in state or (ours == "lm_head.weight" and config.tie_embeddings):
-                continue
-            for name, piece in zip(names, state[ours].split(sizes)):
+            for name, piece in zip(names, state[ours].split(sizes) if sizes else [state[ours]]):
                 hf_tensors[name] = (piece.t() if conv1d else piece).detach().contiguous().cpu()
         (Path(folder) / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2))
         write_safetensors(folder, hf_tensors, max_shard_size)
@@ -389,49 +389,41 @@ class Transformer(nn.Module):
 
 
 def hf_names(config):
-    """Our parameter name -> (HF tensor names, their sizes along dim 0, Conv1D). Several names are concatenated
-    along dim 0 (q/k/v, gate/up); GPT-2's Conv1D weights are stored transposed, (in, out)."""
-    L, nq, nkv, F_ = config.n_layer, config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.d_ff
-    D, V, P = config.d_model, config.vocab_size, config.max_seq_len
+    """Our parameter name -> (HF tensor names, their sizes along dim 0 when several are concatenated (q/k/v,
+    gate/up) else None, whether it is a GPT-2 Conv1D weight, stored transposed as (in, out))."""
+    t = {}
     if config.model_type == "gpt2":
-        t = {"tok_emb.weight": (["transformer.wte.weight"], [V], False),
-             "pos_emb.weight": (["transformer.wpe.weight"], [P], False),
-             "norm.weight": (["transformer.ln_f.weight"], [D], False),
-             "norm.bias": (["transformer.ln_f.bias"], [D], False)}
-        for i in range(L):
-            h, o = f"transformer.h.{i}.", f"layers.{i}."
-            t.update({o + "attn_norm.weight": ([h + "ln_1.weight"], [D], False),
-                      o + "attn_norm.bias": ([h + "ln_1.bias"], [D], False),
-                      o + "attn.qkv.weight": ([h + "attn.c_attn.weight"], [3 * D], True),
-                      o + "attn.qkv.bias": ([h + "attn.c_attn.bias"], [3 * D], False),
-                      o + "attn.proj.weight": ([h + "attn.c_proj.weight"], [D], True),
-                      o + "attn.proj.bias": ([h + "attn.c_proj.bias"], [D], False),
-                      o + "mlp_norm.weight": ([h + "ln_2.weight"], [D], False),
-                      o + "mlp_norm.bias": ([h + "ln_2.bias"], [D], False),
-                      o + "mlp.fc.weight": ([h + "mlp.c_fc.weight"], [F_], True),
-                      o + "mlp.fc.bias": ([h + "mlp.c_fc.bias"], [F_], False),
-                      o + "mlp.proj.weight": ([h + "mlp.c_proj.weight"], [D], True),
-                      o + "mlp.proj.bias": ([h + "mlp.c_proj.bias"], [D], False)})
+        t.update({"tok_emb.weight": (["transformer.wte.weight"], None, False),
+                  "pos_emb.weight": (["transformer.wpe.weight"], None, False),
+                  "norm.weight": (["transformer.ln_f.weight"], None, False),
+                  "norm.bias": (["transformer.ln_f.bias"], None, False)})
+        for i in range(config.n_layer):
+            for ours, hf, conv1d in [("attn_norm", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                     ("attn.proj", "attn.c_proj", True), ("mlp_norm", "ln_2", False),
+                                     ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
+                t[f"layers.{i}.{ours}.weight"] = ([f"transformer.h.{i}.{hf}.weight"], None, conv1d)
+                t[f"layers.{i}.{ours}.bias"] = ([f"transformer.h.{i}.{hf}.bias"], None, False)
     else:
-        t = {"tok_emb.weight": (["model.embed_tokens.weight"], [V], False),
-             "norm.weight": (["model.norm.weight"], [D], False)}
-        for i in range(L):
-            h, o = f"model.layers.{i}.", f"layers.{i}."
-            a = h + "self_attn."
-            t.update({o + "attn_norm.weight": ([h + "input_layernorm.weight"], [D], False),
+        qkv = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+        t.update({"tok_emb.weight": (["model.embed_tokens.weight"], None, False),
+                  "norm.weight": (["model.norm.weight"], None, False)})
+        for i in range(config.n_layer):
+            o, h, a = f"layers.{i}.", f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+            t.update({o + "attn_norm.weight": ([h + "input_layernorm.weight"], None, False),
                       o + "attn.qkv.weight": ([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                                              [nq, nkv, nkv], False),
-                      o + "attn.proj.weight": ([a + "o_proj.weight"], [D], False),
-                      o + "mlp_norm.weight": ([h + "post_attention_layernorm.weight"], [D], False),
-                      o + "mlp.fc.weight": ([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], [F_, F_], False),
-                      o + "mlp.proj.weight": ([h + "mlp.down_proj.weight"], [D], False)})
+                                              qkv, False),
+                      o + "attn.proj.weight": ([a + "o_proj.weight"], None, False),
+                      o + "mlp_norm.weight": ([h + "post_attention_layernorm.weight"], None, False),
+                      o + "mlp.fc.weight": ([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"],
+                                            [config.d_ff] * 2, False),
+                      o + "mlp.proj.weight": ([h + "mlp.down_proj.weight"], None, False)})
             if config.qkv_bias:
-                t[o + "attn.qkv.bias"] = ([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
-                                          [nq, nkv, nkv], False)
+                t[o + "attn.qkv.bias"] = ([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], qkv, False)
             if config.qk_norm:
-                t[o + "attn.q_norm.weight"] = ([a + "q_norm.weight"], [config.head_dim], False)
-                t[o + "attn.k_norm.weight"] = ([a + "k_norm.weight"], [config.head_dim], False)
-    t["lm_head.weight"] = (["lm_head.weight"], [V], False)
+                t[o + "attn.q_norm.weight"] = ([a + "q_norm.weight"], None, False)
+                t[o + "attn.k_norm.weight"] = ([a + "k_norm.weight"], None, False)
+    if not config.tie_embeddings:
+        t["lm_head.weight"] = (["lm_head.weight"], None, False)
     return t
 
 
@@ -448,8 +440,8 @@ def read_json(path):
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def checkpoint_files(folder):
-    """tensor name -> safetensors file, from model.safetensors or the sharded index."""
+def tensor_files(folder):
+    """HF tensor name -> the safetensors file holding it (model.safetensors or the shards of the index)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -457,7 +449,8 @@ def checkpoint_files(folder):
             raise ValueError(f"{index} has no 'weight_map'")
         return {name: folder / file for name, file in weight_map.items()}
     if single.is_file():
-        return None
+        with open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found "
                             f"(present: {present}); .bin checkpoints must be converted to safetensors first")
@@ -475,30 +468,28 @@ def open_safetensors(path):
         yield f
 
 
-def load_hf_tensors(folder, config, dtype, device):
-    """Our state dict, built from the checkpoint's tensors with the family's name table; each piece is
-    shape-checked, cast and moved one at a time (peak memory: one copy of the weights, plus one tensor)."""
-    files = checkpoint_files(folder)
-    if files is None:
-        with open_safetensors(folder / "model.safetensors") as f:
-            files = {name: folder / "model.safetensors" for name in f.keys()}
+def load_hf_tensors(files, meta_model, dtype, device):
+    """The state dict of `meta_model` from the checkpoint's tensors, through the family's name table. Each
+    tensor is shape-checked, then cast and moved on its own, so peak memory is one copy of the weights."""
+    config, shapes = meta_model.config, {k: v.shape for k, v in meta_model.state_dict().items()}
     table = hf_names(config)
-    if "lm_head.weight" not in files or config.tie_embeddings:
-        config.tie_embeddings = True
-        del table["lm_head.weight"]
-    expected = {}  # HF name -> (our name, expected shape)
-    with torch.device("meta"):
-        meta_state = Transformer(config).state_dict()
+    expected = {}  # HF name -> (our name, the shape it must have in the file)
     for ours, (names, sizes, conv1d) in table.items():
-        for name, size in zip(names, sizes):
-            shape = (size, *meta_state[ours].shape[1:])
+        for name, size in zip(names, sizes or [shapes[ours][0]]):
+            shape = (size, *shapes[ours][1:])
             expected[name] = (ours, shape[::-1] if conv1d else shape)
+    folder = next(iter(files.values())).parent
+    # The original GPT-2 files (saved from GPT2Model) name their tensors without the "transformer." prefix.
+    bare = config.model_type == "gpt2" and not any(n.startswith("transformer.") for n in files)
+    name_in_file = {("transformer." + n if bare else n): n for n in files}
+    files = {name: files[n] for name, n in name_in_file.items()}
     missing = [name for name in expected if name not in files]
     if missing:
         raise ValueError(f"{folder}: tensor {missing[0]} is missing from the checkpoint "
                          f"({len(missing)} missing in all) for model_type {config.model_type!r}")
+    # A tied checkpoint may still store lm_head.weight (a copy of the embedding); transformers ignores it too.
     unexpected = [n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)
-                  and not (n == "lm_head.weight" and config.tie_embeddings)]
+                  and n != "lm_head.weight"]
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensor {unexpected[0]} in {files[unexpected[0]].name} "
                          f"({len(unexpected)} unexpected in all): not part of a {config.model_type!r} model")
@@ -507,12 +498,13 @@ def load_hf_tensors(folder, config, dtype, device):
         with open_safetensors(path) as f:
             for name in (n for n in expected if files[n] == path):
                 ours, shape = expected[name]
-                if tuple(f.get_slice(name).get_shape()) != shape:
-                    raise ValueError(f"{path.name}: tensor {name} has shape {tuple(f.get_slice(name).get_shape())}"
-                                     f", but config.json implies {shape}")
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                pieces[name] = tensor.t() if table[ours][2] else tensor
-    state = {ours: torch.cat([pieces.pop(n) for n in names]) if len(names) > 1 else pieces.pop(names[0]).contiguous()
+                found = tuple(f.get_slice(name_in_file[name]).get_shape())
+                if found != shape:
+                    raise ValueError(f"{path.name}: tensor {name_in_file[name]} has shape {found}, "
+                                     f"but config.json implies {shape}")
+                tensor = f.get_tensor(name_in_file[name]).to(device=device, dtype=dtype)
+                pieces[name] = tensor.t().contiguous() if table[ours][2] else tensor
+    state = {ours: pieces.pop(names[0]) if len(names) == 1 else torch.cat([pieces.pop(n) for n in names])
              for ours, (names, _, _) in table.items()}
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
@@ -589,12 +581,9 @@ class ValueModel(nn.Module):
         head_file = Path(folder) / "value_head.safetensors"
         if head_file.exists():
             with open_safetensors(head_file) as f:
-                if "weight" not in f.keys():
-                    raise ValueError(f"{head_file}: tensor 'weight' is missing")
-                weight = f.get_tensor("weight")
-            if weight.shape != model.head.weight.shape:
-                raise ValueError(f"{head_file}: tensor weight has shape {tuple(weight.shape)}, "
-                                 f"expected {tuple(model.head.weight.shape)}")
+                weight = f.get_tensor("weight") if "weight" in f.keys() else None
+            if weight is None or weight.shape != model.head.weight.shape:
+                raise ValueError(f"{head_file}: expected a tensor 'weight' of shape {tuple(model.head.weight.shape)}")
             with torch.no_grad():
                 model.head.weight.copy_(weight)
         return model

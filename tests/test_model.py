@@ -63,6 +63,23 @@ def test_save_pretrained_loads_back_in_transformers(checkpoints, family, tmp_pat
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+def test_original_gpt2_names_without_prefix_and_mask_buffers_load(checkpoints, tmp_path):
+    # openai-community/gpt2's model.safetensors was saved from GPT2Model: "h.0.attn.c_attn.weight", no
+    # "transformer." prefix, and it carries the causal-mask buffers "h.N.attn.bias".
+    folder, hf = checkpoints["gpt2"]
+    bare = copy_checkpoint(folder, tmp_path / "bare")
+
+    def strip(tensors):
+        for name in list(tensors):
+            tensors[name.removeprefix("transformer.")] = tensors.pop(name)
+        tensors.update({f"h.{i}.attn.bias": torch.ones(1, 1, 128, 128).tril() for i in range(2)})
+
+    rewrite_tensors(bare, strip)
+    x = tokens(2, 9, seed=13)
+    with torch.no_grad():
+        torch.testing.assert_close(model.Transformer.from_pretrained(bare)(x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
 def test_hidden_states_then_lm_head_equals_forward(checkpoints):
     ours = model.Transformer.from_pretrained(checkpoints["qwen2"][0])
     x = tokens(2, 9, seed=4)
