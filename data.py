@@ -215,8 +215,9 @@ class Tokenizer:
                 "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
                 "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                                   "normalized": False, "special": True} for t, i in self.special_tokens.items()],
-                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated",
-                                  "invert": False},
+                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
                 "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
@@ -355,15 +356,19 @@ def _field(row, key, path, n, kind=str):
     if key not in row:
         raise ValueError(f"{path}:{n}: missing field {key!r} (has {sorted(row)})")
     if not isinstance(row[key], kind):
-        raise ValueError(f"{path}:{n}: field {key!r} should be {kind.__name__}, got {type(row[key]).__name__}")
+        kinds = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{path}:{n}: field {key!r} should be {kinds}, got {type(row[key]).__name__}")
     return row[key]
 
 
 def load_problems(path):
-    """GSM8K (question, answer '#### n'), MATH (problem, solution with \\boxed{}; or answer), or prompt + answer."""
+    """Our own {question, gold} rows, GSM8K (question, answer '#### n'), MATH (problem, solution with \\boxed{};
+    or answer), or prompt + answer."""
     problems = []
     for n, row in read_jsonl(path):
-        if "problem" in row:
+        if "gold" in row:
+            question, gold = _field(row, "question", path, n), _field(row, "gold", path, n, (str, int, float))
+        elif "problem" in row:
             question = _field(row, "problem", path, n)
             gold = str(row["answer"]) if "answer" in row else last_boxed(_field(row, "solution", path, n))
             if gold is None:
@@ -433,20 +438,21 @@ class Example:
 
 
 def _step_starts(tokenizer, ids, delimiters):
-    """A step is a maximal run of action tokens ended by a delimiter; the first token is a step start, and so is
-    every token after one in which a delimiter ends (a delimiter inside a token, like '.\\n', counts)."""
+    """A step is a maximal run of action tokens ended by a delimiter. The first token starts a step, and so does
+    the token holding the first byte after each delimiter. A delimiter inside a token counts: with a '.\\n' token
+    the next token starts a step; with '. ' followed by the token ' Then', ' Then' starts it."""
     pieces = tokenizer.token_bytes(ids)
     text = b"".join(pieces)
-    ends = set()
+    first_byte = bytearray(len(text) + 1)  # 1 at the first byte of each step after the first
     for d in delimiters:
-        d, k = d.encode(), text.find(d.encode())
+        d = d.encode()
+        k = text.find(d)
         while k >= 0:
-            ends.add(k + len(d))
+            first_byte[k + len(d)] = 1
             k = text.find(d, k + len(d))
-    starts, offset, after_delimiter = [], 0, True
-    for piece in pieces:
-        starts.append(after_delimiter)
-        after_delimiter = any(offset < e <= offset + len(piece) for e in ends)
+    starts, offset = [], 0
+    for n, piece in enumerate(pieces):
+        starts.append(n == 0 or any(first_byte[offset:offset + len(piece)]))
         offset += len(piece)
     return starts
 
