@@ -47,14 +47,16 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
 
 
 def _check_stop(tokenizer, tokens, limit, stop):
-    """Why a row with these new tokens is finished: "eos", "stop" (a stop string ends in its last token),
-    "length", or None. A stop string of n bytes ends within the last n tokens (every token is at least one
-    byte), and earlier positions were checked at earlier steps, so decoding that tail is enough."""
-    if tokenizer is not None and tokens and tokens[-1] == tokenizer.eos_id:
+    """Why a row with these new tokens is finished: "eos" (any of the tokenizer's stop ids, e.g. EOS or Qwen's
+    <|im_end|>), "stop" (a stop string ends in its last token), "length", or None. Stop strings are matched on
+    bytes, as data.py finds step delimiters for training. A stop string of n bytes ends within the last n tokens
+    (every token is at least one byte), and earlier positions were checked at earlier steps, so that tail is
+    enough."""
+    if tokenizer is not None and tokens and tokens[-1] in tokenizer.stop_ids:
         return "eos"
     if stop:
-        tail = tokenizer.decode(tokens[-max(len(s.encode()) for s in stop):])
-        if any(s in tail for s in stop):
+        tail = b"".join(tokenizer.token_bytes(tokens[-max(len(s.encode()) for s in stop):]))
+        if any(s.encode() in tail for s in stop):
             return "stop"
     if len(tokens) >= limit:
         return "length"
@@ -77,8 +79,8 @@ def _limits(model, prompts, max_new_tokens):
 @torch.no_grad()
 def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                          generator=None, stop=()):
-    """New tokens per prompt (EOS included when sampled) and why each row stopped ("eos" | "stop" | "length").
-    tokenizer None means no EOS and no stop strings (benchmarks)."""
+    """New tokens per prompt (the EOS / stop id included when sampled) and why each row stopped ("eos" | "stop" |
+    "length"). tokenizer None means no EOS and no stop strings (benchmarks)."""
     device = model.lm_head.weight.device
     limits = _limits(model, prompts, max_new_tokens)
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -283,14 +285,15 @@ def load_policy(folder, device, dtype):
 
 
 def tokenizer_fingerprint(tokenizer):
-    """What must agree for two models to read the same token ids: special ids and every token's text."""
-    def text(i):
+    """What must agree for two models to read the same token ids: special ids and every token's bytes."""
+    def token(i):
         try:
-            return tokenizer.decode([i])
-        except Exception:   # an id the tokenizer cannot decode (a hole in the vocabulary) must be a hole in both
+            return tokenizer.token_bytes([i])[0]
+        except KeyError:   # an id that is no token (a hole in the vocabulary) must be a hole in both
             return None
     return {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
-            "pad_id": tokenizer.pad_id, "tokens": [text(i) for i in range(tokenizer.vocab_size)]}
+            "pad_id": tokenizer.pad_id, "stop_ids": tokenizer.stop_ids, "add_bos": tokenizer.add_bos,
+            "tokens": [token(i) for i in range(tokenizer.vocab_size)]}
 
 
 def load_value(folder, policy, tokenizer, policy_folder, device, dtype):
@@ -326,12 +329,14 @@ def read_problems(path):
 
 
 def encode_prompt(tokenizer, question, style):
-    return tokenizer.encode(data.format_prompt(question, style), allow_special=True)
+    """Prompt ids exactly as data.encode_trajectory builds them for training (BOS first when the tokenizer adds one)."""
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    return bos + tokenizer.encode(data.format_prompt(question, style), allow_special=True)
 
 
 def response_text(tokenizer, tokens):
-    """The response as text, without the EOS token that ended it."""
-    if tokens and tokens[-1] == tokenizer.eos_id:
+    """The response as text, without the EOS (or other stop id) that ended it."""
+    if tokens and tokens[-1] in tokenizer.stop_ids:
         tokens = tokens[:-1]
     return tokenizer.decode(tokens)
 
