@@ -80,6 +80,18 @@ def test_original_gpt2_names_without_prefix_and_mask_buffers_load(checkpoints, t
         torch.testing.assert_close(model.Transformer.from_pretrained(bare)(x), hf_logits(hf, x), atol=1e-4, rtol=0)
 
 
+def test_older_config_with_top_level_rope_theta_loads(checkpoints, tmp_path):
+    folder, hf = checkpoints["qwen2"]     # rope_theta 1e6: the default 1e4 would give other logits
+    older = copy_checkpoint(folder, tmp_path / "older")
+    config = json.loads((older / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    config["rope_scaling"] = None
+    (older / "config.json").write_text(json.dumps(config))
+    x = tokens(2, 9, seed=14)
+    with torch.no_grad():
+        torch.testing.assert_close(model.Transformer.from_pretrained(older)(x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
 def test_hidden_states_then_lm_head_equals_forward(checkpoints):
     ours = model.Transformer.from_pretrained(checkpoints["qwen2"][0])
     x = tokens(2, 9, seed=4)
