@@ -19,6 +19,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 
+import regex  # tiktoken's own dependency; Unicode classes (\p{L}) for tokenizer.json's Split patterns
 import tiktoken
 import torch
 
@@ -30,6 +31,7 @@ from grading import extract_answer, grade, is_equiv, last_boxed  # noqa: F401  (
 # Pre-tokenizer regexes. GPT-2's is what a tokenizer.json "ByteLevel" pre-tokenizer with use_regex applies; the
 # others are OpenAI's encodings, which a bare *.tiktoken rank file does not carry (copied from tiktoken_ext).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+WHOLE_PIECE = r"[\s\S]+"  # tiktoken's pattern when Python has already split the text into pieces
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 O200K_PATTERN = "|".join([
@@ -82,6 +84,10 @@ def _token_bytes(token, path):
                          "byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek ...) is supported") from None
 
 
+def _as_list(value):
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
 def _content(token):
     return token.get("content") if isinstance(token, dict) else token  # AddedToken dicts or plain strings
 
@@ -90,8 +96,10 @@ class Tokenizer:
     """A tiktoken encoding plus the special-token ids a trainer needs (eos appended to responses, pad)."""
 
     def __init__(self, ranks, pattern, special_tokens, eos, pad=None, bos=None, add_bos=False, stop_ids=(),
-                 normalizer=None, name="tokenizer", source=None, files=()):
+                 normalizer=None, pre_splits=(), name="tokenizer", source=None, files=()):
         # ranks: {token bytes: id}; tiktoken merges the adjacent pair whose concatenation has the lowest id.
+        # pattern: the one pre-tokenizer regex tiktoken applies. pre_splits: several regexes applied one after the
+        # other (Hugging Face Split, behavior Isolated), which one tiktoken regex cannot express (DeepSeek).
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise ValueError(f"{name}: the vocabulary lacks {len(missing)} single-byte tokens (e.g. byte "
@@ -99,6 +107,9 @@ class Tokenizer:
                              "BPE with the full 256-byte initial alphabet.")
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
         self.pattern, self.special_tokens, self.normalizer = pattern, dict(special_tokens), normalizer
+        self.pre_splits = [regex.compile(p) for p in pre_splits]
+        self.special_split = regex.compile("(" + "|".join(map(regex.escape, sorted(special_tokens, key=len)[::-1]))
+                                           + ")") if special_tokens else None
         self.source, self.files = source, tuple(files)  # where it came from, for save_pretrained
         self.vocab_size = self.enc.max_token_value + 1
         self.eos_id = self._id(eos, "eos")
@@ -114,16 +125,28 @@ class Tokenizer:
         if token in self.special_tokens:
             return self.special_tokens[token]
         try:
-            ids = self.enc.encode_single_token(token.encode())
+            return self.enc.encode_single_token(token.encode())
         except KeyError:
             raise ValueError(f"{self.enc.name}: {what} token {token!r} is not in the vocabulary") from None
-        return ids
 
     def encode(self, text, allow_special=False):
         """Token ids. allow_special parses special-token strings (chat templates); model text never should."""
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
-        return self.enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+        if not self.pre_splits:
+            return self.enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+        # Several Split pre-tokenizers: special tokens first, then each split in turn, then BPE on each piece.
+        parts = self.special_split.split(text) if allow_special and self.special_split else [text]
+        ids = []
+        for k, part in enumerate(parts):
+            if k % 2:  # the separators re.split keeps: the special tokens
+                ids.append(self.special_tokens[part])
+                continue
+            pieces = [part]
+            for split in self.pre_splits:
+                pieces = [p for piece in pieces for p in _split_isolated(split, piece)]
+            ids += [i for piece in pieces for i in self.enc.encode_ordinary(piece)]
+        return ids
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
@@ -146,12 +169,14 @@ class Tokenizer:
         config = _read_json(folder, "tokenizer_config.json")
         added = {int(i): _content(t) for i, t in config.get("added_tokens_decoder", {}).items()}
         add_bos = config.get("add_bos_token")
-        normalizer = None
+        normalizer, pre_splits = None, ()
         if "tokenizer.json" in names:
             path = os.path.join(folder, "tokenizer.json")
-            ranks, file_pattern, file_added, normalizer, template_bos = _read_tokenizer_json(path)
+            ranks, patterns, file_added, normalizer, template_bos = _read_tokenizer_json(path)
             added.update(file_added)
-            pattern = pattern or file_pattern
+            if len(patterns) > 1:  # applied one after the other in Python; tiktoken gets whole pieces
+                pattern, pre_splits = WHOLE_PIECE, patterns
+            pattern = pattern or patterns[0]
             add_bos = template_bos if add_bos is None else add_bos
         elif "vocab.json" in names and "merges.txt" in names:
             path = os.path.join(folder, "vocab.json")
@@ -186,8 +211,7 @@ class Tokenizer:
             del ranks[b]  # a special token is never produced by merging ordinary text
         model_config = _read_json(folder, "config.json")
         generation = _read_json(folder, "generation_config.json")
-        ids = lambda value: value if isinstance(value, list) else [] if value is None else [value]  # noqa: E731
-        eos_ids = ids(generation.get("eos_token_id")) + ids(model_config.get("eos_token_id"))
+        eos_ids = [i for config_ in (generation, model_config) for i in _as_list(config_.get("eos_token_id"))]
         eos = named["eos_token"] or (eos_ids[0] if eos_ids else None)
         eos = eos if eos is not None else ("<|endoftext|>" if "<|endoftext|>" in special else None)
         if eos is None:
@@ -197,7 +221,7 @@ class Tokenizer:
         pad = named["pad_token"] or model_config.get("pad_token_id")
         files = [n for n in names if n in TOKENIZER_FILES or n.endswith(".tiktoken")]
         return cls(ranks, pattern, special, eos=eos, pad=pad, bos=bos, add_bos=add_bos, stop_ids=eos_ids,
-                   normalizer=normalizer, name=os.path.basename(os.path.abspath(folder)), source=folder, files=files)
+                   normalizer=normalizer, pre_splits=pre_splits, name=os.path.basename(os.path.abspath(folder)), source=folder, files=files)
 
     def save_pretrained(self, folder):
         """Write tokenizer files into folder (a checkpoint) so that from_pretrained(folder) reads them back."""
@@ -230,6 +254,15 @@ class Tokenizer:
             "added_tokens_decoder": {str(i): {"content": t, "special": True} for i, t in token.items()}})
 
 
+def _split_isolated(split, text):
+    """Hugging Face's Split(behavior="Isolated"): every match and every gap between matches is a piece."""
+    pieces, last = [], 0
+    for m in split.finditer(text):
+        pieces += [p for p in (text[last:m.start()], m.group()) if p]
+        last = m.end()
+    return pieces + ([text[last:]] if last < len(text) else [])
+
+
 def _write_json(path, obj):
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
@@ -237,7 +270,7 @@ def _write_json(path, obj):
 
 
 def _read_tokenizer_json(path):
-    """(ranks, pattern, {id: added token}, unicode normalization form or None, whether BOS is prepended)."""
+    """(ranks, [pre-tokenizer regexes], {id: added token}, unicode normalization or None, whether BOS is added)."""
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     model = spec.get("model") or {}
@@ -248,21 +281,22 @@ def _read_tokenizer_json(path):
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
-    splits = [s for s in steps if s.get("type") == "Split"]
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if not byte_level or set(kinds) - {"Split", "ByteLevel"} or len(splits) > 1:
-        raise ValueError(f"{path}: pre-tokenizer {kinds} is not supported; expected ByteLevel, optionally after "
-                         "one Split regex (GPT-2, Llama-3, Qwen2 style)")
-    if byte_level[0].get("add_prefix_space"):
+    if kinds[-1:] != ["ByteLevel"] or set(kinds[:-1]) - {"Split", "Digits"}:
+        raise ValueError(f"{path}: pre-tokenizer {kinds} is not supported; expected Split/Digits regexes, then "
+                         "ByteLevel (GPT-2, Llama-3, Qwen2, DeepSeek style)")
+    if steps[-1].get("add_prefix_space"):
         raise ValueError(f"{path}: ByteLevel add_prefix_space=true is not supported")
-    if splits:
-        split = splits[0]
-        if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split.get("pattern", {}):
+    patterns = []
+    for step in steps[:-1]:
+        if step["type"] == "Digits":
+            patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif step.get("behavior") != "Isolated" or step.get("invert") or "Regex" not in step.get("pattern", {}):
             raise ValueError(f"{path}: only a Split with a Regex, behavior Isolated, invert false is supported")
-        pattern = split["pattern"]["Regex"]
-    elif byte_level[0].get("use_regex", True):
-        pattern = GPT2_PATTERN
-    else:
+        else:
+            patterns.append(step["pattern"]["Regex"])
+    if steps[-1].get("use_regex", True):
+        patterns.append(GPT2_PATTERN)
+    if not patterns:
         raise ValueError(f"{path}: ByteLevel with use_regex false and no Split regex: no pre-tokenizer pattern")
     norm = spec.get("normalizer")
     forms = [n.get("type") for n in (norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm])] \
@@ -276,8 +310,10 @@ def _read_tokenizer_json(path):
             ranks[_token_bytes(token, path)] = i
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
     _check_merge_order(merges, ranks, path)
-    single = ((spec.get("post_processor") or {}).get("single") or [{}])[0]
-    return ranks, pattern, added, (forms or [None])[0], "SpecialToken" in single
+    post = spec.get("post_processor") or {}
+    adds_bos = any("SpecialToken" in (p.get("single") or [{}])[0]  # Llama-3's TemplateProcessing prepends BOS
+                   for p in (post.get("processors", []) if post.get("type") == "Sequence" else [post]))
+    return ranks, patterns, added, (forms or [None])[0], adds_bos
 
 
 def _check_merge_order(merges, ranks, path):

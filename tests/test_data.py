@@ -34,11 +34,20 @@ def corpus():
     return lines
 
 
-def train_tokenizer(folder, llama_style, vocab_size=700):
-    """A byte-level BPE trained in-process; llama_style: Split(Llama-3 regex) + ByteLevel, else GPT-2 ByteLevel."""
+def train_tokenizer(folder, style, vocab_size=700):
+    """A byte-level BPE trained in-process. gpt2: the ByteLevel regex; llama: Split(Llama-3 regex) + ByteLevel;
+    deepseek: several Splits and Digits in sequence (DeepSeek LLM's layout), then ByteLevel."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    if llama_style:
+    if style == "deepseek":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(r"[\r\n]"), behavior="isolated"),
+            pre_tokenizers.Split(tokenizers.Regex(r"\s?[A-Za-zé]+"), behavior="isolated"),
+            pre_tokenizers.Split(tokenizers.Regex(r"\s?[!-/:-~]+"), behavior="isolated"),
+            pre_tokenizers.Split(tokenizers.Regex(r"\s+$"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
+    elif style == "llama":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
@@ -58,20 +67,26 @@ def train_tokenizer(folder, llama_style, vocab_size=700):
 @pytest.fixture(scope="module")
 def gpt2_style(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("gpt2_style"))
-    return train_tokenizer(folder, llama_style=False), folder
+    return train_tokenizer(folder, "gpt2"), folder
 
 
 @pytest.fixture(scope="module")
 def llama_style(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("llama_style"))
-    return train_tokenizer(folder, llama_style=True), folder
+    return train_tokenizer(folder, "llama"), folder
+
+
+@pytest.fixture(scope="module")
+def deepseek_style(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("deepseek_style"))
+    return train_tokenizer(folder, "deepseek"), folder
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
-@pytest.mark.parametrize("style", ["gpt2_style", "llama_style"])
+@pytest.mark.parametrize("style", ["gpt2_style", "llama_style", "deepseek_style"])
 def test_tokenizer_json_ids_equal_hf_tokenizers_including_special_tokens(style, request):
     hf, folder = request.getfixturevalue(style)
     ours = data.Tokenizer.from_pretrained(folder)
@@ -167,6 +182,15 @@ def test_special_ids_come_from_the_folder_config_files(llama_style, tmp_path):
         json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>", "add_bos_token": True}, f)
     tok = data.Tokenizer.from_pretrained(str(tmp_path))
     assert (tok.eos_id, tok.bos_id, tok.add_bos) == (0, 1, True)
+    os.remove(tmp_path / "tokenizer_config.json")  # Llama-3 says "add BOS" only in its post-processor template
+    assert not data.Tokenizer.from_pretrained(str(tmp_path)).add_bos
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                                  {"Sequence": {"id": "A", "type_id": 0}}]}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert data.Tokenizer.from_pretrained(str(tmp_path)).add_bos
     example = data.encode_trajectory(tok, {"prompt": "q", "response": "r", "reward": 1.0}, 64)
     assert example.ids[0] == 1 and example.mask[0] == 0
 
@@ -205,7 +229,7 @@ def test_mask_and_step_starts_on_a_hand_made_pair():
     assert starts == [0, 2, 6, 10]  # 'a', 'b' after '\n', 'd' after '. ', 'e' after '.$ ' (EOS joins 'e')
 
 
-@pytest.mark.parametrize("style", ["gpt2_style", "llama_style"])
+@pytest.mark.parametrize("style", ["gpt2_style", "llama_style", "deepseek_style"])
 def test_step_starts_match_a_character_level_recomputation(style, request):
     hf, folder = request.getfixturevalue(style)
     tok = data.Tokenizer.from_pretrained(folder)
