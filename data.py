@@ -474,58 +474,53 @@ class Example:
 
 
 def _step_starts(tokenizer, ids, delimiters):
-    """A step is a maximal run of action tokens ended by a delimiter. The first token starts a step, and so does
-    the token holding the first byte after each delimiter. A delimiter inside a token counts: with a '.\\n' token
-    the next token starts a step; with '. ' followed by the token ' Then', ' Then' starts it."""
+    """A step is a maximal run of action tokens ended by a delimiter: the first token starts a step, and so does
+    every token that follows one in which a delimiter ends. A delimiter inside a token counts ('.\\n' as one
+    token ends its step). This is where search.py stops a step while sampling, so training and search agree;
+    with '. ' the space usually begins the next word's token (' Then'), and that token still ends its step."""
     pieces = tokenizer.token_bytes(ids)
     text = b"".join(pieces)
-    first_byte = bytearray(len(text) + 1)  # 1 at the first byte of each step after the first
+    last_byte = bytearray(len(text))  # 1 at the last byte of every delimiter occurrence
     for d in delimiters:
         d = d.encode()
         k = text.find(d)
         while k >= 0:
-            first_byte[k + len(d)] = 1
+            last_byte[k + len(d) - 1] = 1
             k = text.find(d, k + len(d))
-    starts, offset = [], 0
-    for n, piece in enumerate(pieces):
-        starts.append(n == 0 or any(first_byte[offset:offset + len(piece)]))
+    starts, offset = [True], 0
+    for piece in pieces[:-1]:
+        starts.append(any(last_byte[offset:offset + len(piece)]))
         offset += len(piece)
-    return starts
+    return starts[:len(ids)]
 
 
 def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",)):
     """Tokens, action mask and step starts of one trajectory. Prompt/response form: the response and the EOS
-    after it are actions. Agent form: only assistant turns (and the token that ends each) are actions; system,
-    user and environment observations never are. A turn's end token joins its last step."""
-    segments = []  # (ids, is_action, steps)
+    after it are actions. Agent form: only assistant turns and the token that ends each (<|im_end|> in ChatML,
+    else EOS) are actions; system, user and environment turns never are. An end token joins its turn's last step
+    (or starts its own when the turn ends with a delimiter)."""
+    segments = []  # (ids, is_action): an action segment is one turn, its end token included
     if tokenizer.add_bos:
-        segments.append(([tokenizer.bos_id], False, False))
+        segments.append(([tokenizer.bos_id], False))
     if "messages" in traj:
         for m in traj["messages"]:
             act = m["role"] == "assistant"
-            if tokenizer.chatml:  # the turn-end token is the assistant's own action; it ends its turn
-                segments.append((tokenizer.encode(f"<|im_start|>{m['role']}\n", allow_special=True), False, False))
-                end = tokenizer.special_tokens["<|im_end|>"]
+            content = tokenizer.encode(m["content"])
+            if tokenizer.chatml:
+                segments.append((tokenizer.encode(f"<|im_start|>{m['role']}\n", allow_special=True), False))
+                segments.append((content + [tokenizer.special_tokens["<|im_end|>"]], act))
             else:
-                segments.append((tokenizer.encode(f"{m['role']}: "), False, False))
-                end = tokenizer.eos_id if act else None
-            segments.append((tokenizer.encode(m["content"]), act, act))
-            if end is not None:
-                segments.append(([end], act, False))
-            segments.append((tokenizer.encode("\n"), False, False))
+                segments.append((tokenizer.encode(f"{m['role']}: "), False))
+                segments.append((content + [tokenizer.eos_id] if act else content, act))
+            segments.append((tokenizer.encode("\n"), False))
     else:
-        segments.append((tokenizer.encode(traj["prompt"], allow_special=True), False, False))
-        segments.append((tokenizer.encode(traj["response"]), True, True))
-        segments.append(([tokenizer.eos_id], True, False))
+        segments.append((tokenizer.encode(traj["prompt"], allow_special=True), False))
+        segments.append((tokenizer.encode(traj["response"]) + [tokenizer.eos_id], True))
     ids, action, start = [], [], []
-    for seg_ids, act, steps in segments:
-        if steps:
-            seg_starts = _step_starts(tokenizer, seg_ids, delimiters)
-        else:  # context, or an end token: it starts a step only when its turn has no other token
-            seg_starts = [act and not (action and action[-1])] * len(seg_ids)
+    for seg_ids, act in segments:
         ids += seg_ids
         action += [act] * len(seg_ids)
-        start += seg_starts
+        start += _step_starts(tokenizer, seg_ids, delimiters) if act else [False] * len(seg_ids)
     truncated = len(ids) > max_len
     ids, action, start = ids[:max_len], action[:max_len], start[:max_len]
     if not any(action[1:]):
@@ -565,7 +560,7 @@ class Sampler:
     def _order(self, epoch):
         if self._perm[0] != epoch:
             order = list(range(self.n))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
             self._perm = (epoch, order)
         return self._perm[1]
 

@@ -212,9 +212,10 @@ def test_unsupported_or_incomplete_tokenizers_fail_clearly(tmp_path):
 
 
 def reference_starts(text, offsets, delimiters):
-    """Independent recomputation on characters: the token whose [start, end) holds a step's first character."""
-    firsts = {m.end() for d in delimiters for m in re.finditer(re.escape(d), text)}
-    return [k == 0 or any(s <= p < e for p in firsts) for k, (s, e) in enumerate(offsets)]
+    """Independent recomputation on characters: a token starts a step when a delimiter ends inside the previous
+    token, i.e. the previous token's (start, end] holds a delimiter's end."""
+    ends = {m.end() for d in delimiters for m in re.finditer(re.escape(d), text)}
+    return [k == 0 or any(offsets[k - 1][0] < p <= offsets[k - 1][1] for p in ends) for k in range(len(offsets))]
 
 
 def test_mask_and_step_starts_on_a_hand_made_pair():
@@ -227,6 +228,8 @@ def test_mask_and_step_starts_on_a_hand_made_pair():
     assert ex.mask == [0, 0] + [1] * 12
     starts = [j + 1 - len(prompt) for j, s in enumerate(ex.step_start) if s]  # index in the response
     assert starts == [0, 2, 6, 10]  # 'a', 'b' after '\n', 'd' after '. ', 'e' after '.$ ' (EOS joins 'e')
+    ex = data.encode_trajectory(tok, {"prompt": "", "response": "x\n\ny\n", "reward": 0}, 100)
+    assert ex.mask == [1] * 5 and ex.step_start == [False, True, True, False, True]  # 'x' has no state before it
 
 
 @pytest.mark.parametrize("style", ["gpt2_style", "llama_style", "deepseek_style"])
@@ -242,7 +245,8 @@ def test_step_starts_match_a_character_level_recomputation(style, request):
         enc = hf.encode(response, add_special_tokens=False)
         n_prompt = len(tok.encode("P:"))
         assert ex.ids[n_prompt:-1] == enc.ids
-        expected = reference_starts(response, enc.offsets, delimiters) + [False]  # EOS joins the last step
+        # EOS starts a step only when the response ends with a delimiter
+        expected = reference_starts(response + "E", enc.offsets + [(len(response), len(response) + 1)], delimiters)
         assert ex.step_start[n_prompt - 1:] == expected, response
 
 
