@@ -4,8 +4,8 @@
     python search.py eval --policy oreo/policy --value oreo/value --problems test.jsonl --methods greedy,beam5
 
 The engine: prompts of any lengths share one batch; prefill writes them into the model's KV cache, then one decode
-step per token. Each row stops on EOS, on a stop string (matched on the decoded text, so "\\n" is found also inside
-a token like ".\\n\\n" and ". " across two tokens) or at its token limit; finished rows leave the batch.
+step per token. Each row stops on EOS, on a stop string (matched on the bytes of the tokens, so "\\n" is found also
+inside a token like ".\\n\\n", and ". " across two tokens) or at its token limit; finished rows leave the batch.
 `generate_naive` (a full forward per token) is kept beside it as the reference the tests compare with.
 """
 import argparse
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,9 +41,10 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
         drop = probs.cumsum(-1) - probs > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    # argmax(p / E) with E ~ Exp(1) is a sample from p (the exponential race); unlike torch.multinomial it never
-    # synchronises with the GPU and draws the same random numbers however the batch is laid out in memory
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # argmax(p / E) with E ~ Exp(1) is a sample from p (the exponential race, as in gpt-fast); unlike
+    # torch.multinomial it never synchronises with the GPU. E is kept above 0 so a filtered token (p = 0) never
+    # becomes 0/0 = NaN, which argmax would pick.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
     return (probs / noise).argmax(-1)
 
 
@@ -207,9 +209,8 @@ def beam_search(prompts, expand, value, beam_width, max_steps=20):
         beams = [sorted(cands, key=lambda c: -c[0])[:beam_width] for cands in open_]
     results = []
     for pool, bs, n in zip(pools, beams, sampled):
-        pool = pool + bs
-        best_value, best = max(pool, key=lambda c: c[0]) if pool else (float("nan"), [])  # max keeps the first
-        results.append({"response": best, "value": best_value, "pool": pool, "tokens": n})
+        best_value, best = max(pool + bs, key=lambda c: c[0])   # max() keeps the first of equal values
+        results.append({"response": best, "value": best_value, "pool": pool + bs, "tokens": n})
     return results
 
 
@@ -317,14 +318,11 @@ def load_value(folder, policy, tokenizer, policy_folder, device, dtype):
 
 
 def read_problems(path):
-    problems = data.load_problems(path)
-    if not problems:
-        raise ValueError(f"--problems {path}: the file holds no problems")
-    ids = [p["id"] for p in problems]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"--problems {path}: problem id {dup!r} appears more than once (ids must be unique, "
-                         f"collect uses them to resume)")
+    problems = data.load_problems(path)   # an empty file stops there, with its name
+    repeated = [i for i, n in Counter(p["id"] for p in problems).items() if n > 1]
+    if repeated:
+        raise ValueError(f"--problems {path}: problem id {repeated[0]!r} appears more than once (ids must be "
+                         f"unique: collect uses them to resume)")
     return problems
 
 
@@ -408,10 +406,10 @@ def collect(args):
     per_chunk = max(1, args.batch_size // args.k)
     chunks = [problems[i:i + per_chunk] for i in range(0, len(problems), per_chunk)]
     mine = [c for c in range(rank, len(chunks), world) if any(p["id"] not in done for p in chunks[c])]
-    todo = sum(p["id"] not in done for p in problems)
+    todo = sum(p["id"] not in done for c in mine for p in chunks[c])   # this rank's share
     if rank == 0:
-        print(f"collect: {len(problems)} problems, {len(done)} already in {out}, {todo} to go on {world} rank(s), "
-              f"k={args.k}", flush=True)
+        print(f"collect: {len(problems)} problems, {len(done)} already in {out}, "
+              f"{sum(p['id'] not in done for p in problems)} to go on {world} rank(s), k={args.k}", flush=True)
     part = out.with_name(f"{out.name}.part{rank}")
     t0, n_done, n_correct, n_samples = time.time(), 0, 0.0, 0
     for c in mine:
@@ -438,10 +436,9 @@ def collect(args):
         n_samples += len(rows)
         n_correct += sum(r["reward"] for r in rows)
         if rank == 0:
-            rate = n_done / (time.time() - t0)
-            eta = (todo / world - n_done) / rate
-            print(f"collect: {n_done * world}/{todo} problems (rank 0 x {world}), {n_samples / (time.time() - t0):.1f}"
-                  f" samples/s, mean reward {n_correct / n_samples:.3f}, eta {format_eta(max(eta, 0))}", flush=True)
+            seconds = time.time() - t0
+            print(f"collect: rank 0 at {n_done}/{todo} problems, {n_samples / seconds:.1f} samples/s, mean reward "
+                  f"{n_correct / n_samples:.3f}, eta {format_eta(seconds / n_done * (todo - n_done))}", flush=True)
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -1,7 +1,9 @@
 """search.py: the cached engine against the naive one, stop strings, beam search on a scripted tree, collect and
 its resume, eval, and the errors a user can cause. Tiny random models and the byte-level tokenizer."""
 import json
-import shutil
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,15 @@ import search
 from model import Config, Transformer, ValueModel
 
 TOKENIZER = data.Tokenizer.byte_level()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds waiting (and the CI machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(family="llama", seed=0, dtype=torch.float64, max_seq_len=96):
@@ -244,6 +255,17 @@ def test_interrupted_collect_resumes_to_the_same_file(run_files):
     assert cut.read_text() == expected
 
 
+def test_collect_on_two_torchrun_ranks_writes_the_same_file_as_one_process(run_files):
+    tmp_path, policy_dir, _, problem_file, _ = run_files
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    search.main(collect_args(policy_dir, problem_file, one))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(repo, "search.py"), *collect_args(policy_dir, problem_file, two)],
+                   check=True, capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.read_text() == one.read_text()
+
+
 def test_eval_prints_every_method_and_the_choice_numbers(run_files, capsys):
     tmp_path, policy_dir, value_dir, problem_file, problems = run_files
     out = tmp_path / "eval.json"
@@ -273,6 +295,10 @@ def test_clear_errors_for_missing_folder_empty_problems_and_other_tokenizer(run_
         search.main(base[:-1] + ["beam3"])
     with pytest.raises(ValueError, match="unknown method 'beam'"):
         search.main(base[:-1] + ["beam"])
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(problem_file.read_text() + problem_file.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(ValueError, match="problem id 'p0' appears more than once"):
+        search.main(["collect", "--policy", str(policy_dir), "--problems", str(twice), "--out", str(tmp_path / "o")])
     # a value model whose vocabulary is another size
     other = tmp_path / "other_vocab"
     ValueModel(Config(vocab_size=300, n_layer=1, n_head=2, d_model=8)).save_pretrained(other)
