@@ -84,6 +84,10 @@ def _token_bytes(token, path):
                          "byte-level BPE (GPT-2, Llama-3, Qwen2, DeepSeek ...) is supported") from None
 
 
+def _first(*values):
+    return next((v for v in values if v is not None), None)  # id 0 is a real token id
+
+
 def _as_list(value):
     return value if isinstance(value, list) else [] if value is None else [value]
 
@@ -128,6 +132,18 @@ class Tokenizer:
             return self.enc.encode_single_token(token.encode())
         except KeyError:
             raise ValueError(f"{self.enc.name}: {what} token {token!r} is not in the vocabulary") from None
+
+    def _name(self, i):
+        """A token's string for tokenizer_config.json, or its id when no string names it exactly (e.g. a partial
+        UTF-8 byte, or an id outside the vocabulary that config.json gave)."""
+        special = {j: t for t, j in self.special_tokens.items()}
+        if i is None or i in special:
+            return special.get(i)
+        try:
+            text = self.enc.decode_single_token_bytes(i).decode(errors="replace")
+        except KeyError:
+            return i
+        return text if self.encode(text) == [i] else i
 
     def encode(self, text, allow_special=False):
         """Token ids. allow_special parses special-token strings (chat templates); model text never should."""
@@ -204,7 +220,7 @@ class Tokenizer:
         # Named special tokens can also sit in the vocabulary (GPT-2's <|endoftext|>): make them special.
         named = {k: _content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         for token in named.values():
-            if token and token not in added.values() and token.encode() in ranks:
+            if isinstance(token, str) and token not in added.values() and token.encode() in ranks:
                 added[ranks[token.encode()]] = token
         special = {t: i for i, t in added.items()}
         for b in [b for b, i in ranks.items() if i in added and len(b) > 1]:
@@ -212,46 +228,52 @@ class Tokenizer:
         model_config = _read_json(folder, "config.json")
         generation = _read_json(folder, "generation_config.json")
         eos_ids = [i for config_ in (generation, model_config) for i in _as_list(config_.get("eos_token_id"))]
-        eos = named["eos_token"] or (eos_ids[0] if eos_ids else None)
-        eos = eos if eos is not None else ("<|endoftext|>" if "<|endoftext|>" in special else None)
+        eos = _first(named["eos_token"], *eos_ids[:1], "<|endoftext|>" if "<|endoftext|>" in special else None)
         if eos is None:
             raise ValueError(f"{folder}: no EOS token in tokenizer_config.json, generation_config.json or "
                              "config.json; responses need one to end")
-        bos = named["bos_token"] or model_config.get("bos_token_id")
-        pad = named["pad_token"] or model_config.get("pad_token_id")
+        bos = _first(named["bos_token"], model_config.get("bos_token_id"))
+        pad = _first(named["pad_token"], model_config.get("pad_token_id"))
         files = [n for n in names if n in TOKENIZER_FILES or n.endswith(".tiktoken")]
         return cls(ranks, pattern, special, eos=eos, pad=pad, bos=bos, add_bos=add_bos, stop_ids=eos_ids,
-                   normalizer=normalizer, pre_splits=pre_splits, name=os.path.basename(os.path.abspath(folder)), source=folder, files=files)
+                   normalizer=normalizer, pre_splits=pre_splits, name=os.path.basename(os.path.abspath(folder)),
+                   source=folder, files=files)
 
     def save_pretrained(self, folder):
-        """Write tokenizer files into folder (a checkpoint) so that from_pretrained(folder) reads them back."""
+        """Write tokenizer files into folder (a checkpoint) so that from_pretrained(folder) reads them back: the
+        files it was loaded from, or a byte-level tokenizer.json Hugging Face reads too; and a tokenizer_config.json
+        that names EOS, PAD and BOS (they may have come from a config.json that the checkpoint rewrites)."""
         os.makedirs(folder, exist_ok=True)
-        if self.source is not None:
-            for name in self.files:
-                if os.path.abspath(os.path.join(self.source, name)) != os.path.abspath(os.path.join(folder, name)):
-                    shutil.copyfile(os.path.join(self.source, name), os.path.join(folder, name))
-            if not any(n.endswith(".tiktoken") for n in self.files):
-                return
-        else:  # built in memory (byte_level): a byte-level tokenizer.json that Hugging Face can read too
+        config = {}
+        for name in self.files:
+            source, target = os.path.join(self.source, name), os.path.join(folder, name)
+            if name == "tokenizer_config.json":
+                config = _read_json(self.source, name)
+            elif os.path.abspath(source) != os.path.abspath(target):
+                shutil.copyfile(source, target)
+        if not self.files:  # built in memory: ranks as a vocabulary (ids are ranks, so no merges are needed)
             alphabet = byte_level_alphabet()
             vocab = {"".join(alphabet[b] for b in t): i for t, i in self.enc._mergeable_ranks.items()}
-            tokenizer_json = {
+            byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+            _write_json(os.path.join(folder, "tokenizer.json"), {
                 "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
                 "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                                   "normalized": False, "special": True} for t, i in self.special_tokens.items()],
                 "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                     {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-                "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+                    byte_level]},
+                "decoder": byte_level,
                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                          "ignore_merges": False, "vocab": vocab, "merges": []}}
-            _write_json(os.path.join(folder, "tokenizer.json"), tokenizer_json)
-        token = {i: t for t, i in self.special_tokens.items()}
-        _write_json(os.path.join(folder, "tokenizer_config.json"), {
-            "eos_token": token.get(self.eos_id), "pad_token": token.get(self.pad_id),
-            "bos_token": token.get(self.bos_id), "add_bos_token": self.add_bos, "tiktoken_pattern": self.pattern,
-            "added_tokens_decoder": {str(i): {"content": t, "special": True} for i, t in token.items()}})
+                          "ignore_merges": False, "vocab": vocab, "merges": []}})
+        elif any(n.endswith(".tiktoken") for n in self.files):  # a rank file holds neither regex nor specials
+            config["tiktoken_pattern"] = self.pattern
+            config["added_tokens_decoder"] = {str(i): {"content": t, "special": True}
+                                              for t, i in self.special_tokens.items()}
+        for key, i in (("eos_token", self.eos_id), ("pad_token", self.pad_id), ("bos_token", self.bos_id)):
+            config[key] = self._name(i)
+        config["add_bos_token"] = self.add_bos
+        _write_json(os.path.join(folder, "tokenizer_config.json"), config)
 
 
 def _split_isolated(split, text):

@@ -140,6 +140,13 @@ def test_byte_level_round_trips_any_text_and_saves_a_file_hf_reads(tmp_path):
     assert back.encode(text, allow_special=True) == ours.encode(text, allow_special=True)
     assert back.encode(text, allow_special=True) == hf.encode(text, add_special_tokens=False).ids
     assert (back.eos_id, back.pad_id, back.vocab_size) == (256, 257, 258)
+    # built in code, with EOS an ordinary token and the bytes numbered backwards
+    custom = data.Tokenizer({bytes([b]): 255 - b for b in range(256)}, data.GPT2_PATTERN, {"<|pad|>": 256},
+                            eos=255 - ord("\n"), pad="<|pad|>")
+    custom.save_pretrained(str(tmp_path / "custom"))
+    back = data.Tokenizer.from_pretrained(str(tmp_path / "custom"))
+    assert back.encode(text) == custom.encode(text) == [255 - b for b in text.encode()]
+    assert (back.eos_id, back.pad_id) == (255 - ord("\n"), 256)
 
 
 def test_save_pretrained_of_a_loaded_tokenizer_reads_back_identically(llama_style, tmp_path):
@@ -166,6 +173,9 @@ def test_tiktoken_file_needs_a_pattern_unless_standard(llama_style, tmp_path):
     loaded = data.Tokenizer.from_pretrained(str(tmp_path), pattern=LLAMA3_PATTERN)
     text = random_text(random.Random(4), 200)
     assert loaded.encode(text) == ours.encode(text) and loaded.eos_id == 0
+    loaded.save_pretrained(str(tmp_path / "saved"))  # keeps the pattern beside the rank file
+    again = data.Tokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert again.encode(text) == ours.encode(text) and again.eos_id == 0
 
 
 def test_special_ids_come_from_the_folder_config_files(llama_style, tmp_path):
