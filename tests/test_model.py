@@ -11,6 +11,15 @@ from hf_models import FAMILIES, make_checkpoint
 VOCAB = 211  # the tiny checkpoints' vocabulary (tests/hf_models.py)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> (folder, the transformers model saved there)."""
