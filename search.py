@@ -9,6 +9,7 @@ inside a token like ".\\n\\n", and ". " across two tokens) or at its token limit
 `generate_naive` (a full forward per token) is kept beside it as the reference the tests compare with.
 """
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -389,7 +390,8 @@ def collect(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # only barriers, never tensors, go between ranks: gloo, with a timeout long enough for the slowest rank
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
         if device.type == "cuda":
             torch.cuda.set_device(device)
     problems = read_problems(args.problems)

@@ -115,10 +115,15 @@ def main():
         prompt_ids = torch.randint(0, ours.config.vocab_size, (B, prompt_len),
                                    generator=torch.Generator().manual_seed(B)).to(args.device)
         prompts = prompt_ids.tolist()
+        greedy = ours_generate(ours, prompts, new, False, None)
         if not args.no_hf:
-            same = sum(a == b for a, b in zip(hf_generate(hf, prompt_ids, new, False),
-                                              ours_generate(ours, prompts, new, False, None)))
-            print(f"batch {B}: same greedy tokens in {same}/{B} rows")
+            same = sum(a == b for a, b in zip(hf_generate(hf, prompt_ids, new, False), greedy))
+            print(f"batch {B}: same greedy tokens as transformers in {same}/{B} rows")
+        if compiled is not None:
+            ours.decode = compiled
+            same = sum(a == b for a, b in zip(ours_generate(ours, prompts, new, False, None), greedy))
+            del ours.decode
+            print(f"batch {B}: same greedy tokens with torch.compile as without in {same}/{B} rows")
         for sample in (False, True):
             gen = torch.Generator(device=args.device).manual_seed(0)
             contenders = [] if args.no_hf else [("transformers", lambda: hf_generate(hf, prompt_ids, new, sample))]
