@@ -381,7 +381,8 @@ def format_prompt(question, style):
         return (f"<|im_start|>system\n{SYSTEM_PROMPTS[style]}<|im_end|>\n"
                 f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     if style == "deepseek":  # DeepSeekMath-Instruct's chain-of-thought form
-        return f"User: {question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.\n\nAssistant:"
+        return (f"User: {question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+                "\n\nAssistant:")
     raise ValueError(f"unknown prompt style {style!r}; choose one of {PROMPT_STYLES}")
 
 
@@ -576,7 +577,8 @@ class Sampler:
             raise ValueError("Sampler: no examples to sample from")
         if global_batch % world_size:
             raise ValueError(f"Sampler: global batch {global_batch} is not divisible by world size {world_size}")
-        self.n, self.global_batch, self.seed, self.rank, self.world_size = n_examples, global_batch, seed, rank, world_size
+        self.n, self.global_batch, self.seed = n_examples, global_batch, seed
+        self.rank, self.world_size = rank, world_size
         self.step, self._perm = 0, (None, None)
 
     def _order(self, epoch):
@@ -591,7 +593,8 @@ class Sampler:
         return self.step * self.global_batch // self.n
 
     def global_indices(self, step):
-        return [self._order(p // self.n)[p % self.n] for p in range(step * self.global_batch, (step + 1) * self.global_batch)]
+        positions = range(step * self.global_batch, (step + 1) * self.global_batch)  # in the stream of epochs
+        return [self._order(p // self.n)[p % self.n] for p in positions]
 
     def __iter__(self):  # endless: the trainer decides how many steps to take
         share = self.global_batch // self.world_size

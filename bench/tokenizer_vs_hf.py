@@ -112,8 +112,10 @@ def main():
           "ids identical in all four")
     for name, (seconds, _) in results.items():
         print(f"{name:30s} {seconds * 1e3:8.1f} ms  {n_tokens / seconds / 1e6:6.2f} M tokens/s")
-    print(f"ratio ours / HF: one at a time {results['HF tokenizers, one at a time'][0] / results['ours, one at a time'][0]:.2f}x,"
-          f" batched {results['HF tokenizers, encode_batch'][0] / results['ours, encode_batch'][0]:.2f}x")
+    seconds = {name: s for name, (s, _) in results.items()}
+    print(f"ratio ours / HF: one at a time "
+          f"{seconds['HF tokenizers, one at a time'] / seconds['ours, one at a time']:.2f}x, "
+          f"batched {seconds['HF tokenizers, encode_batch'] / seconds['ours, encode_batch']:.2f}x")
     seconds, _ = best_of(1, lambda: [data.encode_trajectory(ours, r, 4096, data.STEP_DELIMITERS["math"]) for r in rows])
     print(f"data.encode_trajectory (ids, mask, step starts) over the file: {seconds:.2f} s, "
           f"{n_tokens / seconds / 1e6:.2f} M tokens/s")

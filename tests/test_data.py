@@ -18,8 +18,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PIECES = ["the", " answer", " is", " 42", ".", ".\n", "\n", "\n\n", "  ", "\t", " x = 3", ", ", "I'm", " we'll",
-          "héllo", " naïve", " 日本語", " 😀", "👍🏽", " \\frac{1}{2}", " $", "1,234", "####", " Step", "'s", "ÿ",
-          "\u00a0", " -7", "=", "Σ", "\r\n"]
+          "héllo", " naïve", " 日本語", " 😀", "👍🏽", " \\frac{1}{2}", " $", "1,234", "####", " Step", "'s",
+          "ÿ", "\u00a0", " -7", "=", "Σ", "\r\n"]
 
 
 def random_text(rng, n=30, specials=False):
@@ -203,6 +203,32 @@ def test_special_ids_come_from_the_folder_config_files(llama_style, tmp_path):
     assert data.Tokenizer.from_pretrained(str(tmp_path)).add_bos
     example = data.encode_trajectory(tok, {"prompt": "q", "response": "r", "reward": 1.0}, 64)
     assert example.ids[0] == 1 and example.mask[0] == 0
+
+
+def test_an_nfc_normalizer_is_applied_like_hf(llama_style, tmp_path):
+    from tokenizers import Tokenizer
+    _, folder = llama_style
+    spec = json.loads(open(os.path.join(folder, "tokenizer.json")).read())
+    spec["normalizer"] = {"type": "NFC"}  # as in Qwen2's tokenizer.json
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
+    ours, hf = data.Tokenizer.from_pretrained(str(tmp_path)), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(6)
+    for _ in range(50):
+        text = random_text(rng) + "he\u0301llo Σ\u0308 \ufb01"  # decomposed é, composed later; a ligature stays
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_ids_out_of_merge_order_give_a_warning(gpt2_style, tmp_path):
+    _, folder = gpt2_style
+    spec = json.loads(open(os.path.join(folder, "tokenizer.json")).read())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    first, last = ("".join(m) if isinstance(m, list) else m.replace(" ", "") for m in (merges[0], merges[-1]))
+    vocab[first], vocab[last] = vocab[last], vocab[first]  # the first merge now makes the highest id
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
+    with pytest.warns(UserWarning, match="merge order|lower than an earlier"):
+        data.Tokenizer.from_pretrained(str(tmp_path))
 
 
 def test_unsupported_or_incomplete_tokenizers_fail_clearly(tmp_path):
