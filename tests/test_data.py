@@ -205,6 +205,35 @@ def test_special_ids_come_from_the_folder_config_files(llama_style, tmp_path):
     assert example.ids[0] == 1 and example.mask[0] == 0
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "bos_template"])
+def test_folders_saved_by_transformers_give_its_ids_and_special_ids(family, gpt2_style, tmp_path):
+    """transformers writes each family's own pre-tokenizer, normalizer, post-processor and tokenizer_config.json
+    (Qwen2: its Split regex and NFC; a template that prepends BOS, as Llama-3's)."""
+    transformers = pytest.importorskip("transformers")
+    hf, folder = gpt2_style
+    spec = json.loads(open(os.path.join(folder, "tokenizer.json")).read())
+    vocab, merges = spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
+    if family == "qwen2":
+        tok = transformers.Qwen2TokenizerFast(vocab=vocab, merges=merges, eos_token="<|im_end|>",
+                                              pad_token="<|endoftext|>")
+    elif family == "gpt2":
+        tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=merges, eos_token="<|endoftext|>",
+                                             bos_token="<|endoftext|>")
+    else:
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<|im_start|>",
+                                                   eos_token="<|im_end|>", add_bos_token=True)
+    tok.save_pretrained(str(tmp_path))
+    ours = data.Tokenizer.from_pretrained(str(tmp_path))
+    rng = random.Random(7)
+    for _ in range(100):
+        text = random_text(rng, specials=True)
+        assert ours.encode(text, allow_special=True) == tok.encode(text, add_special_tokens=False), text
+    assert (ours.eos_id, ours.bos_id) == (tok.eos_token_id, tok.bos_token_id)
+    assert ours.pad_id == (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    added = tok.encode("hi", add_special_tokens=True)[:-len(tok.encode("hi", add_special_tokens=False))]
+    assert ours.add_bos == (added == [tok.bos_token_id])
+
+
 def test_an_nfc_normalizer_is_applied_like_hf(llama_style, tmp_path):
     from tokenizers import Tokenizer
     _, folder = llama_style
