@@ -178,6 +178,17 @@ def test_tiktoken_file_needs_a_pattern_unless_standard(llama_style, tmp_path):
     assert again.encode(text) == ours.encode(text) and again.eos_id == 0
 
 
+def test_a_standard_tiktoken_file_is_recognised_by_its_number_of_ranks(tmp_path):
+    import base64
+    pairs = [bytes([a, b]) for a in range(256) for b in range(256)][:50256 - 256]  # r50k's count, made-up tokens
+    with open(tmp_path / "r50k_base.tiktoken", "w") as f:
+        for rank, token in enumerate([bytes([b]) for b in range(256)] + pairs):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    tok = data.Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.pattern == data.GPT2_PATTERN and tok.eos_id == 50256 and tok.vocab_size == 50257
+    assert tok.encode("<|endoftext|>", allow_special=True) == [50256]
+
+
 def test_special_ids_come_from_the_folder_config_files(llama_style, tmp_path):
     import shutil
     _, folder = llama_style
