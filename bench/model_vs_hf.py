@@ -27,6 +27,10 @@ PRESETS = {
     "cpu-small": dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=704,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                       max_position_embeddings=2048, tie_word_embeddings=True),
+    # The size of the built-in task's model (byte tokens): Python overhead matters more than matmuls.
+    "cpu-tiny": dict(model_type="llama", vocab_size=258, hidden_size=128, intermediate_size=352,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                     max_position_embeddings=512, tie_word_embeddings=True),
     # Qwen2.5-1.5B / Qwen2.5-Math-1.5B dimensions (random weights).
     "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
