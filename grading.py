@@ -13,7 +13,10 @@ from fractions import Fraction
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 ANSWER_IS = re.compile(r"the (?:final )?answer is:?\s*(.+)", re.IGNORECASE)
 TEXT_COMMAND = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}")
-UNIT_WORDS = re.compile(r"^(-?[\d.,/]+)\s+[a-zA-Z][a-zA-Z\s.^\d]*$")  # "5 cm", "10 dollars", "3 sq. units"
+# Units after a number: words ("5 cm", "\frac{1}{2} sq. units"; one letter would be a variable: "2 x"), or any
+# \text{...} ("16 \text{ m}^2").
+UNIT_WORDS = re.compile(r"^(.*?[\d}])\s+[a-zA-Z]{2,}[a-zA-Z\s.]*(\^\d)?$")
+UNIT_TEXT = re.compile(r"^(.*?[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z\s.]*\}(\^\{?\d\}?)?$")
 CHOICE = re.compile(r"\(([A-Ea-e])\)|([A-E])[.):]?")
 
 
@@ -55,7 +58,7 @@ def extract_answer(text):
 def normalize(s):
     """A canonical string for an answer: LaTeX spacing, \\left/\\right, \\text{}, units, percent and thousands
     separators removed; \\dfrac/\\tfrac/\\frac12 written as \\frac{1}{2}; a short 'x =' prefix dropped."""
-    s = s.strip().replace("\u2212", "-").replace("\n", "")
+    s = UNIT_TEXT.sub(r"\1", s.strip().replace("\u2212", "-").replace("\n", ""))
     while TEXT_COMMAND.search(s):
         s = TEXT_COMMAND.sub(r"\1", s)
     for junk in ("\\$", "$", "\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\%", "%"):

@@ -532,7 +532,8 @@ GRADING = [  # (model answer text, gold, equivalent?)
     ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True), ("\\boxed{\\pi}", "3.14", False),
     ("\\boxed{3", "3", True),  # unbalanced box: falls back to the last number
     ("\\boxed 7", "7", True), ("The answer is: (A)", "A", True), ("0.1 + 0.2 = 0.3", "0.3", True),
-    ("\\boxed{1.0}", "1", True), ("\\boxed{100}", "1,00", False),
+    ("\\boxed{1.0}", "1", True), ("\\boxed{100}", "1,00", False), ("\\boxed{\\frac{1}{2}\\text{ cm}}", "0.5", True),
+    ("\\boxed{16 \\text{ m}^2}", "16", True), ("\\boxed{2 x}", "2", False), ("\\boxed{f(x) = 3x}", "3x", False),
 ]
 
 
