@@ -189,6 +189,18 @@ def test_bfloat16_forward_and_backward_are_close_to_float32(checkpoints):
     torch.testing.assert_close(logits.float(), hf_logits(hf, x), atol=0.1, rtol=0.05)
 
 
+def test_bfloat16_save_writes_bfloat16_tensors_and_dtype(checkpoints, tmp_path):
+    from safetensors import safe_open
+    ours = model.Transformer.from_pretrained(checkpoints["gpt2"][0], dtype=torch.bfloat16)
+    ours.save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(n).dtype for n in f.keys()} == {torch.bfloat16}
+    reloaded = model.Transformer.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    for (name, a), b in zip(ours.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_forward_compiles_as_one_graph(checkpoints):
     ours = model.Transformer.from_pretrained(checkpoints["llama"][0])
     compiled = torch.compile(ours, backend="eager", fullgraph=True)   # fails on any graph break
