@@ -575,6 +575,8 @@ class Sampler:
     def __init__(self, n_examples, global_batch, seed, rank=0, world_size=1):
         if n_examples < 1:
             raise ValueError("Sampler: no examples to sample from")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"Sampler: rank {rank} is outside world size {world_size}")
         if global_batch % world_size:
             raise ValueError(f"Sampler: global batch {global_batch} is not divisible by world size {world_size}")
         self.n, self.global_batch, self.seed = n_examples, global_batch, seed
