@@ -111,35 +111,39 @@ def kl_backward_triton(logits, ref_logits, kl, lse, ref_lse, grad, out=None, blo
     return out
 
 
+def _log_softmax_and_lse(x):
+    # log_softmax is one fused pass on CPU; since it equals x − LSE, LSE = max(x) − max(log_softmax)
+    log_softmax = x.log_softmax(-1)
+    x_max = x.amax(-1)
+    return log_softmax, torch.where(x_max > float("-inf"), x_max - log_softmax.amax(-1), float("-inf"))
+
+
 def kl_forward_torch(logits, ref_logits, block_v=None):
     """The same results as kl_forward_triton, in plain PyTorch over row chunks."""
     N, V = logits.shape
     kl, lse, ref_lse = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
-    for a in range(0, N, _row_chunk(V)):
-        b = a + _row_chunk(V)
-        z, r = logits[a:b].float(), ref_logits[a:b].float()
-        lse_z, lse_r = z.logsumexp(-1), r.logsumexp(-1)
-        has_mass = lse_z > float("-inf")
-        logp = z - torch.where(has_mass, lse_z, 0.0)[:, None]
+    rows = _row_chunk(V)
+    for a in range(0, N, rows):
+        logp, lse[a:a + rows] = _log_softmax_and_lse(logits[a:a + rows].float())
+        logq, ref_lse[a:a + rows] = _log_softmax_and_lse(ref_logits[a:a + rows].float())
         p = logp.exp()
-        terms = torch.where(p > 0, p * (logp - (r - lse_r[:, None])), 0.0)
-        kl[a:b] = torch.where(has_mass, terms.sum(-1), 0.0)
-        lse[a:b], ref_lse[a:b] = lse_z, lse_r
+        terms = logp.sub_(logq).mul_(p).masked_fill_(p == 0, 0.0)  # p·(log p − log q), 0 where p = 0
+        kl[a:a + rows] = torch.where(lse[a:a + rows] > float("-inf"), terms.sum(-1), 0.0)
     return kl, lse, ref_lse
 
 
 def kl_backward_torch(logits, ref_logits, kl, lse, ref_lse, grad, out=None, block_v=None):
     out = torch.empty_like(logits) if out is None else out
     N, V = logits.shape
-    for a in range(0, N, _row_chunk(V)):
-        b = a + _row_chunk(V)
-        has_mass = lse[a:b] > float("-inf")
-        g = torch.where(has_mass, grad[a:b].float(), 0.0)[:, None]
-        logp = logits[a:b].float() - torch.where(has_mass, lse[a:b], 0.0)[:, None]
-        logq = ref_logits[a:b].float() - ref_lse[a:b, None]
+    rows = _row_chunk(V)
+    for a in range(0, N, rows):
+        has_mass = lse[a:a + rows] > float("-inf")
+        g = torch.where(has_mass, grad[a:a + rows].float(), 0.0)[:, None]
+        logp = logits[a:a + rows].to(torch.float32, copy=True).sub_(torch.where(has_mass, lse[a:a + rows], 0.0)[:, None])
         p = logp.exp()
-        d = torch.where(p > 0, g * p * (logp - logq - kl[a:b, None]), 0.0)
-        out[a:b] = d.to(out.dtype)
+        # g·p·((log p − log q) − KL), built in place; 0 where p = 0
+        d = logp.sub_(ref_logits[a:a + rows].float()).add_(ref_lse[a:a + rows, None]).sub_(kl[a:a + rows, None])
+        out[a:a + rows] = d.mul_(p).mul_(g).masked_fill_(p == 0, 0.0)
     return out
 
 

@@ -18,9 +18,11 @@ from kernels import kl as kl_ops
 from kernels import logprobs as logprob_ops
 
 
-def default_chunk_size(V):
-    # about 2²⁷ logits per chunk (256 MB in bf16): big enough for efficient matmuls, small next to (N, V)
-    return max(16, min(4096, (1 << 27) // max(V, 1)))
+def default_chunk_size(V, device):
+    # on a GPU about 2²⁷ logits per chunk (256 MB in bf16): big enough for efficient matmuls, small next to (N, V);
+    # on a CPU 2²² (16 MB in fp32), where memory is scarcer and matmuls are efficient at any size
+    budget = 1 << 27 if device.type == "cuda" else 1 << 22
+    return max(16, min(4096, budget // max(V, 1)))
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -102,7 +104,7 @@ def linear_logprobs(hidden, weight, labels, ignore_index=-100, ref_hidden=None, 
         raise ValueError(f"linear_logprobs: labels must be (N,) = ({hidden.shape[0]},) with values in [0, {V}) or "
                          f"ignore_index={ignore_index}")
     backend = backend or ("triton" if hidden.is_cuda else "torch")
-    chunk_size = chunk_size or default_chunk_size(V)
+    chunk_size = chunk_size or default_chunk_size(V, hidden.device)
     if ref_hidden is not None:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     logp, kl = LinearLogprobs.apply(hidden, weight, labels, ref_hidden, ref_weight, ignore_index, chunk_size, backend)

@@ -116,7 +116,8 @@ def logprobs_backward_triton(logits, labels, lse, grad, ignore_index=-100, out=N
 
 
 def _row_chunk(V):
-    # rows per chunk of the PyTorch path so that one fp32 chunk holds about 2²² elements (16 MB)
+    # rows per chunk of the PyTorch path so that one fp32 chunk holds about 2²² elements (16 MB): its few
+    # temporaries stay small next to large (N, V) logits, and smaller chunks were slower on CPU (fresh pages)
     return max(1, (1 << 22) // max(V, 1))
 
 
@@ -124,30 +125,34 @@ def logprobs_forward_torch(logits, labels, ignore_index=-100, block_v=None):
     """The same results as logprobs_forward_triton, in plain PyTorch over row chunks (CPU without Triton)."""
     N, V = logits.shape
     logp = torch.zeros(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    for a in range(0, N, _row_chunk(V)):
-        x = logits[a:a + _row_chunk(V)].float()
-        lse_c = x.logsumexp(-1) if V > 0 else torch.full(x.shape[:1], float("-inf"), device=x.device)
-        lab = labels[a:a + _row_chunk(V)]
-        valid = (lab != ignore_index) & (lse_c > float("-inf"))
-        x_label = x.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
-        logp[a:a + len(x)] = torch.where(valid, x_label - lse_c, 0.0)
-        lse[a:a + len(x)] = lse_c
+    lse = torch.full((N,), float("-inf"), dtype=torch.float32, device=logits.device)
+    rows = _row_chunk(V)
+    for a in range(0, N, rows):
+        x = logits[a:a + rows].float()  # (C, V)
+        # log_softmax is one fused pass on CPU (logsumexp is several); since log_softmax = x − LSE, the LSE is
+        # max(x) − max(log_softmax)
+        log_softmax = x.log_softmax(-1)
+        x_max = x.amax(-1)
+        has_mass = x_max > float("-inf")
+        lse[a:a + rows] = torch.where(has_mass, x_max - log_softmax.amax(-1), float("-inf"))
+        lab = labels[a:a + rows]
+        valid = (lab != ignore_index) & has_mass
+        logp[a:a + rows] = torch.where(valid, log_softmax.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1), 0.0)
     return logp, lse
 
 
 def logprobs_backward_torch(logits, labels, lse, grad, ignore_index=-100, out=None, block_v=None):
     out = torch.empty_like(logits) if out is None else out
     N, V = logits.shape
-    for a in range(0, N, _row_chunk(V)):
-        b = a + _row_chunk(V)
-        lse_c, lab = lse[a:b], labels[a:b]
+    rows = _row_chunk(V)
+    for a in range(0, N, rows):
+        lse_c, lab = lse[a:a + rows], labels[a:a + rows]
         has_mass = lse_c > float("-inf")
-        g = torch.where((lab != ignore_index) & has_mass, grad[a:b].float(), 0.0)
-        p = torch.exp(logits[a:b].float() - torch.where(has_mass, lse_c, 0.0)[:, None])
-        d = -g[:, None] * p
-        d.scatter_add_(1, torch.where(lab != ignore_index, lab, 0)[:, None], g[:, None])
-        out[a:b] = d.to(out.dtype)
+        g = torch.where((lab != ignore_index) & has_mass, grad[a:a + rows].float(), 0.0)[:, None]
+        # g·(onehot − p), built in place in one fp32 chunk: p = exp(x − LSE), then −g·p, then +g at the label
+        d = logits[a:a + rows].to(torch.float32, copy=True).sub_(torch.where(has_mass, lse_c, 0.0)[:, None]).exp_().mul_(-g)
+        d.scatter_add_(1, torch.where(lab != ignore_index, lab, 0)[:, None], g)
+        out[a:a + rows] = d
     return out
 
 

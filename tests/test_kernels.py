@@ -88,6 +88,7 @@ def test_token_logprobs_match_float64_with_ignored_labels_and_inf(backend, dtype
     logp = LOGPROBS[backend](logits, labels)
     logp.backward(grad)
     ref_logp, ref_grad = ref_logprobs_and_grad(x, labels, grad)
+    assert torch.equal(logits.detach(), x), "the backward changed the logits (inplace_backward is off)"
     assert logp.dtype == torch.float32 and logits.grad.dtype == dtype
     torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
     assert_grad_close(logits.grad, ref_grad, dtype)
@@ -180,6 +181,7 @@ def test_token_kl_matches_float64(backend, dtype, N, V):
     kl_rows = KL[backend](logits, ref_logits)
     kl_rows.backward(grad)
     expected, expected_grad = ref_kl_and_grad(x, y, grad)
+    assert torch.equal(logits.detach(), x) and torch.equal(ref_logits.detach(), y), "the KL changed its inputs"
     assert kl_rows.dtype == torch.float32 and ref_logits.grad is None, "the reference must get no gradient"
     torch.testing.assert_close(kl_rows.double(), expected, rtol=1e-5, atol=1e-5)
     assert_grad_close(logits.grad, expected_grad, dtype)
