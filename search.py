@@ -565,8 +565,8 @@ def build_parser():
     g = common.add_argument_group("model and data")
     g.add_argument("--policy", required=True, help="policy checkpoint folder (config.json, safetensors, tokenizer)")
     g.add_argument("--problems", required=True, help="JSONL of problems {id, question, gold} (data.load_problems)")
-    g.add_argument("--prompt-style", default="plain", help="data.format_prompt style: plain, qwen-gsm8k, "
-                   "qwen-math, deepseek (use the one the policy was trained with)")
+    g.add_argument("--prompt-style", default="plain", choices=data.PROMPT_STYLES,
+                   help="data.format_prompt style (the one the policy was trained with)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda:LOCAL_RANK if any)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
