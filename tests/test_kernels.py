@@ -306,3 +306,61 @@ def test_linear_logprobs_bf16_equal_the_naive_path_in_bf16():
         results.append((logp, h.grad, w.grad))
     for what, a, b in zip(("logp", "d hidden", "d weight"), *results):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=f"bf16 {what}")
+
+
+# ------------------------------------------------------------------------------------------ GPU (compiled kernels)
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton)")
+
+
+@requires_gpu
+def test_gpu_kernels_match_float64_at_a_real_vocabulary():
+    N, V = 64, 151936
+    x = random_logits(N, V, torch.bfloat16, seed=70, masked_row=5).cuda()
+    y = random_logits(N, V, torch.float64, seed=71, neg_inf=False)
+    y = torch.where(torch.isfinite(x.double().cpu()), y, float("-inf")).to(torch.bfloat16).cuda()
+    labels = finite_labels(x.cpu(), seed=70).cuda()
+    labels[3] = -100
+    grad = torch.randn(N, device="cuda")
+    logits = x.clone().requires_grad_()
+    logprobs.token_logprobs(logits, labels).backward(grad)
+    ref_logp, ref_grad = ref_logprobs_and_grad(x, labels, grad)
+    torch.testing.assert_close(logprobs.token_logprobs(x, labels).double(), ref_logp, rtol=1e-5, atol=1e-4)
+    assert_grad_close(logits.grad, ref_grad, torch.bfloat16)
+    logits.grad = None
+    kl.token_kl(logits, y).backward(grad)
+    expected, expected_grad = ref_kl_and_grad(x, y, grad)
+    torch.testing.assert_close(kl.token_kl(x, y).double(), expected, rtol=1e-4, atol=1e-4)
+    assert_grad_close(logits.grad, expected_grad, torch.bfloat16)
+
+
+@requires_gpu
+def test_gpu_rows_past_2_31_elements_are_addressed_correctly():
+    V = 151936
+    N = (1 << 31) // V + 4  # the last rows start beyond element 2³¹: int32 offsets would wrap
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    logits = x.clone().requires_grad_()
+    logp = logprobs.token_logprobs(logits, labels, inplace_backward=False)
+    logp.backward(torch.ones(N, device="cuda"))
+    tail = slice(N - 8, N)
+    ref_logp, ref_grad = ref_logprobs_and_grad(x[tail], labels[tail], torch.ones(8, device="cuda"))
+    torch.testing.assert_close(logp[tail].double(), ref_logp, rtol=1e-5, atol=1e-4)
+    assert_grad_close(logits.grad[tail], ref_grad, torch.bfloat16)
+
+
+@requires_gpu
+@pytest.mark.parametrize("variant", ["token", "step", "response"])
+def test_gpu_bellman_kernel_equals_oreo_loss_on_long_rows(variant):
+    from oreo import oreo_loss
+
+    batch = [t.cuda() for t in random_oreo_batch(3, 2500, seed=80)]  # T = 2500: three chunks of 1024
+    logp, ref_logp, values, rewards, mask, step_start = batch
+    results = []
+    for fn, dtype in ((bellman.bellman_loss, torch.float32), (oreo_loss, torch.float64)):
+        lp, v = logp.to(dtype, copy=True).requires_grad_(), values.to(dtype, copy=True).requires_grad_()
+        policy, value = fn(lp, ref_logp.to(dtype), v, rewards.to(dtype), mask.to(dtype), 0.03, variant, step_start)
+        (policy + value).backward()
+        results.append((policy.double(), value.double(), lp.grad.double(), v.grad.double()))
+    for what, a, b in zip(("policy loss", "value loss", "d logp", "d values"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{variant} {what}: {m}")
