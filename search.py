@@ -260,17 +260,13 @@ def select_action(policy, tokenizer, value_fn, prefix, k, end_of_turn, max_new_t
 # Loading, with the errors a user can cause
 
 
-def pick_device(name):
-    if name == "auto":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def device_and_dtype(args):
+    """--device auto: this rank's GPU (LOCAL_RANK) if there is one; --dtype auto: bfloat16 on GPU, else float32."""
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(gpu if args.device == "auto" else args.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    return device, dtype
 
 
 def need_folder(folder, flag):
@@ -333,11 +329,12 @@ def encode_prompt(tokenizer, question, style):
     return bos + tokenizer.encode(data.format_prompt(question, style), allow_special=True)
 
 
-def response_text(tokenizer, tokens):
-    """The response as text, without the EOS (or other stop id) that ended it."""
+def response_text(tokenizer, tokens, stop=()):
+    """The response as text, without the EOS (or other stop id) or the --stop string that ended it."""
     if tokens and tokens[-1] in tokenizer.stop_ids:
         tokens = tokens[:-1]
-    return tokenizer.decode(tokens)
+    text = tokenizer.decode(tokens)
+    return text[:min([text.find(s) for s in stop if s in text], default=len(text))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,21 +378,16 @@ def merge_outputs(out, problems, k):
     return set(groups)
 
 
-def format_eta(seconds):
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
-        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def collect(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(args.device)
+    device, dtype = device_and_dtype(args)
     if world > 1:
         # only barriers, never tensors, go between ranks: gloo, with a timeout long enough for the slowest rank
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
         if device.type == "cuda":
             torch.cuda.set_device(device)
     problems = read_problems(args.problems)
-    policy, tokenizer = load_policy(args.policy, device, pick_dtype(args.dtype, device))
+    policy, tokenizer = load_policy(args.policy, device, dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:   # fold in what an interrupted run left behind, dropping half-written problems
@@ -427,7 +419,7 @@ def collect(args):
                 continue
             prompt = data.format_prompt(p["question"], args.prompt_style)
             for j in range(i * args.k, (i + 1) * args.k):
-                response = response_text(tokenizer, tokens[j])
+                response = response_text(tokenizer, tokens[j], args.stop)
                 rows.append({"id": p["id"], "prompt": prompt, "response": response,
                              "reward": data.grade(response, p["gold"]), "gold": p["gold"], "finish": finish[j]})
             n_done += 1
@@ -440,7 +432,7 @@ def collect(args):
         if rank == 0:
             seconds = time.time() - t0
             print(f"collect: rank 0 at {n_done}/{todo} problems, {n_samples / seconds:.1f} samples/s, mean reward "
-                  f"{n_correct / n_samples:.3f}, eta {format_eta(seconds / n_done * (todo - n_done))}", flush=True)
+                  f"{n_correct / n_samples:.3f}, eta {seconds / n_done * (todo - n_done) / 60:.1f} min", flush=True)
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -485,8 +477,7 @@ def parse_delimiters(spec):
 
 
 def evaluate(args):
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(args)
     methods = parse_methods(args.methods)
     delimiters = parse_delimiters(args.delimiters)
     problems = read_problems(args.problems)[:args.limit or None]
@@ -524,13 +515,13 @@ def evaluate(args):
             values = [r["values"][r["best"]] for r in results]
             n_tokens = sum(len(s) for r in results for s in r["samples"])
             # how well the value chooses among the same K samples, against chance and the best possible choice
-            correct = [[data.grade(response_text(tokenizer, s), p["gold"]) for s in r["samples"]]
+            correct = [[data.grade(response_text(tokenizer, s, args.stop), p["gold"]) for s in r["samples"]]
                        for r, p in zip(results, problems)]
             choice[name] = {"by_value": sum(c[r["best"]] for c, r in zip(correct, results)) / len(problems),
                             "random": sum(sum(c) / width for c in correct) / len(problems),
                             "best_possible": sum(max(c) for c in correct) / len(problems)}
         seconds = time.time() - t0
-        texts = [response_text(tokenizer, r) for r in responses]
+        texts = [response_text(tokenizer, r, args.stop) for r in responses]
         rewards = [data.grade(t, p["gold"]) for t, p in zip(texts, problems)]
         summary[name] = {"accuracy": sum(rewards) / len(problems), "tokens": n_tokens, "seconds": seconds}
         per_problem[name] = [{"id": p["id"], "gold": p["gold"], "answer": data.extract_answer(t), "reward": r,
@@ -579,10 +570,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("collect", parents=[common], help="K graded samples per problem -> trajectory JSONL",
-                       description="Sample K responses per problem, grade them with data.grade, and append them "
-                       "to --out as {id, prompt, response, reward, gold, finish}. Resumable: problems already in "
-                       "--out (with exactly K samples) are skipped. Under torchrun each rank takes every "
-                       "WORLD_SIZE-th chunk of problems and rank 0 merges the results.")
+                       description="Append K graded samples per problem to --out as {id, prompt, response, reward, "
+                       "gold, finish}. Rerun to resume. Under torchrun each rank takes every WORLD_SIZE-th chunk.")
     p.add_argument("--out", required=True, help="trajectory JSONL to write (appended to on resume)")
     p.add_argument("-k", "--k", type=int, default=10, help="samples per problem (paper: 10)")
     p.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")

@@ -120,6 +120,12 @@ def test_stop_strings_are_matched_on_text_across_and_inside_tokens(tokens, stop,
         == expected
 
 
+def test_response_text_drops_the_eos_and_the_stop_string_that_ended_it():
+    ids = TOKENIZER.encode("6 * 7 = 42\n#### 42<|im_end|>junk")
+    assert search.response_text(TOKENIZER, ids, stop=("<|im_end|>",)) == "6 * 7 = 42\n#### 42"
+    assert search.response_text(TOKENIZER, ids[:5] + [TOKENIZER.eos_id]) == "6 * 7"
+
+
 def scripted_search(tree, values, beam_width, max_steps=20):
     """Beam search over a scripted tree: tree[response] lists the continuations (tokens, finish) that the
     1st, 2nd, ... sample of that beam returns; values[response] is the value at its last token."""
