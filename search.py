@@ -88,9 +88,7 @@ def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=
     limits = _limits(model, prompts, max_new_tokens)
     B, T = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)                   # right padded
-    for b, p in enumerate(prompts):
-        input_ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    input_ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right padded
     cache = model.new_cache(B, max(len(p) + n for p, n in zip(prompts, limits)))
     logits = model.prefill(input_ids, lengths, cache)                                # (B, V)
     out = [[] for _ in prompts]
