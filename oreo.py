@@ -357,8 +357,9 @@ def export(model, cls, folder, tokenizer, fsdp, master):
         if not master:
             return
         config = model.config if cls is Transformer else model.backbone.config
-        model = cls(config)
-        model.load_state_dict(state)
+        with torch.device("meta"):  # no random initialisation, no second copy of the weights
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
     if master:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -474,7 +475,9 @@ def main(argv=None):
     examples, n_truncated = load_examples(args, tokenizer)
     policy, reference, value = build_models(args, tokenizer, device)
     torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own random numbers
-    raw_policy, raw_value = policy, value  # unwrapped, uncompiled: for checkpoints and export
+    # Unwrapped and uncompiled (fully_shard works in place, so under FSDP these are the sharded modules):
+    # checkpoints and export read them.
+    raw_policy, raw_value = policy, value
     for m in (policy, value and value.backbone):
         if m is not None and args.grad_checkpointing:
             m.set_gradient_checkpointing(True)
@@ -514,9 +517,10 @@ def main(argv=None):
         if changed:
             sys.exit(f"oreo.py: --resume: {ckpt_path} was written with different " + ", ".join(
                 f"--{k.replace('_', '-')} ({ckpt['args'].get(k)!r} there, {getattr(args, k)!r} now)" for k in changed))
-        for (m, _, _), opt, name in zip(trained, optimizers, ("policy", "value")):
-            set_model_state_dict(m, ckpt[name], options=StateDictOptions(full_state_dict=True))
-            set_optimizer_state_dict(m, opt, ckpt[name + "_optimizer"], options=StateDictOptions(full_state_dict=True))
+        for (_, raw, _), opt, name in zip(trained, optimizers, ("policy", "value")):
+            set_model_state_dict(raw, ckpt[name], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(raw, opt, ckpt[name + "_optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         sampler.load_state_dict(ckpt["sampler"])
         if len(ckpt["rng"]) == world_size:
             set_rng_state(ckpt["rng"][rank], device)
@@ -531,15 +535,18 @@ def main(argv=None):
                 with open(log_path, "w") as f:
                     f.writelines(rows)
         del ckpt
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+    elif master:
+        if args.resume:
+            print(f"--resume: no {ckpt_path} yet, starting from step 0")
+        if os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log
 
     def checkpoint(step):
         state = {"step": step, "args": vars(args), "world_size": world_size, "sampler": sampler.state_dict(),
                  "config": raw_policy.config.to_hf()}
-        for (m, _, _), opt, name in zip(trained, optimizers, ("policy", "value")):
-            state[name] = get_model_state_dict(m, options=FULL)
-            state[name + "_optimizer"] = get_optimizer_state_dict(m, opt, options=FULL)
+        for (_, raw, _), opt, name in zip(trained, optimizers, ("policy", "value")):
+            state[name] = get_model_state_dict(raw, options=FULL)
+            state[name + "_optimizer"] = get_optimizer_state_dict(raw, opt, options=FULL)
         rngs = [None] * world_size
         if ddp:
             dist.all_gather_object(rngs, rng_state(device))
@@ -640,11 +647,9 @@ def main(argv=None):
 
     if last_saved != total_steps:
         checkpoint(total_steps)
-    export(raw_policy if not args.fsdp else policy, Transformer, os.path.join(args.out, "policy"), tokenizer,
-           args.fsdp, master)
+    export(raw_policy, Transformer, os.path.join(args.out, "policy"), tokenizer, args.fsdp, master)
     if value is not None:
-        export(raw_value if not args.fsdp else value, ValueModel, os.path.join(args.out, "value"), tokenizer,
-               args.fsdp, master)
+        export(raw_value, ValueModel, os.path.join(args.out, "value"), tokenizer, args.fsdp, master)
     if master:
         print(f"saved {ckpt_path}, {args.out}/policy" + (f", {args.out}/value" if value is not None else ""))
     if ddp:
