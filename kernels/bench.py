@@ -11,6 +11,8 @@ Operations, each forward, backward and both ("full"), from bf16 logits (N, V) th
             + bellman_loss. Floor: 6·N·V bytes (read the logits twice, write the gradient once).
     kl      full-vocabulary KL[π ‖ π_ref] per token, summed; naive: two fp32 log_softmaxes; fused: token_kl.
             Floor: 10·N·V bytes (read both rows twice, write the gradient once).
+    loss_kl OREO's whole policy-side loss: loss + α·mean KL; fused: token_logprobs_and_kl(inplace_backward=True)
+            + bellman_loss. Floor: 10·N·V bytes.
     linear  (GPU only) logp from hidden (N, 1536) and an lm_head (V, 1536): naive materialises the logits,
             fused is linear_logprobs; its peak memory should stay flat in N.
 On the GPU times are medians of triton.testing.do_bench, "vs floor" is the full time over the floor's bytes
@@ -26,14 +28,15 @@ import time
 
 import torch
 
-from kernels import bellman_loss, linear_logprobs, token_kl, token_logprobs
+from kernels import bellman_loss, linear_logprobs, token_kl, token_logprobs, token_logprobs_and_kl
 from kernels.reference import naive_linear_logprobs, naive_token_kl, naive_token_logprobs
 from oreo import oreo_loss
 
 GPU_SHAPES = [(N, V) for N in (4096, 8192, 16384) for V in (32000, 128256, 151936)]
-CPU_SHAPES = [(1024, 32000), (256, 151936)]
-FLOOR_BYTES_PER_ELEMENT = {"loss": 6, "kl": 10}  # bf16 bytes per logit moved by the fused kernels at best
+CPU_SHAPES = [(512, 32000), (128, 151936)]
+FLOOR_BYTES_PER_ELEMENT = {"loss": 6, "kl": 10, "loss_kl": 10}  # bf16 bytes per logit moved by the fused kernels at best
 BETA = 0.03
+ALPHA = 0.01
 
 
 def make_inputs(op, N, V, device, seed=0):
@@ -47,9 +50,9 @@ def make_inputs(op, N, V, device, seed=0):
     # made in bf16 and scaled in place: no fp32 temporary, so the CPU's resident-set baseline is just the inputs
     logits = torch.randn(N, V, device=device, generator=g, dtype=torch.bfloat16).mul_(2).requires_grad_()
     inputs = dict(logits=logits, labels=torch.randint(0, V, (N,), device=device, generator=g))
-    if op == "kl":
+    if op in ("kl", "loss_kl"):
         inputs["ref_logits"] = torch.randn(N, V, device=device, generator=g, dtype=torch.bfloat16).mul_(2)
-    else:
+    if op in ("loss", "loss_kl"):
         T = min(N, 2048)
         B = N // T
         inputs.update(ref_logp=-torch.rand(B, T, device=device, generator=g) * 5,
@@ -71,6 +74,17 @@ def fused_loss(logits, labels, ref_logp, values, rewards, mask):
     return policy + value
 
 
+def naive_loss_kl(logits, labels, ref_logits, ref_logp, values, rewards, mask):
+    kl = naive_token_kl(logits, ref_logits)
+    return naive_loss(logits, labels, ref_logp, values, rewards, mask) + ALPHA * kl.mean()
+
+
+def fused_loss_kl(logits, labels, ref_logits, ref_logp, values, rewards, mask):
+    logp, kl = token_logprobs_and_kl(logits, ref_logits, labels, inplace_backward=True)
+    policy, value = bellman_loss(logp.view_as(ref_logp), ref_logp, values, rewards, mask, BETA)
+    return policy + value + ALPHA * kl.mean()
+
+
 def naive_kl(logits, labels, ref_logits):
     return naive_token_kl(logits, ref_logits).sum()
 
@@ -90,6 +104,7 @@ def fused_linear(hidden, weight, labels):
 IMPLS = {
     "loss": {"naive": naive_loss, "fused": fused_loss},
     "kl": {"naive": naive_kl, "fused": fused_kl},
+    "loss_kl": {"naive": naive_loss_kl, "fused": fused_loss_kl},
     "linear": {"naive": naive_linear, "fused": fused_linear},
 }
 
@@ -217,9 +232,9 @@ def full_step(fn, inputs):
 
 def print_row(r):
     if "error" in r:
-        print(f"{r['op']:6} {r['impl']:14} N={r['N']:6} V={r['V']:6}  error: {r['error']}")
+        print(f"{r['op']:7} {r['impl']:14} N={r['N']:6} V={r['V']:6}  error: {r['error']}")
         return
-    cols = [f"{r['op']:6} {r['impl']:14} N={r['N']:6} V={r['V']:6}", f"fwd {r['fwd_ms']:9.3f} ms"]
+    cols = [f"{r['op']:7} {r['impl']:14} N={r['N']:6} V={r['V']:6}", f"fwd {r['fwd_ms']:9.3f} ms"]
     if "bwd_ms" in r:
         cols.append(f"bwd {r['bwd_ms']:9.3f} ms")
     cols += [f"full {r['full_ms']:9.3f} ms", f"peak extra {r['peak_extra_GB']:7.3f} GB"]
@@ -232,16 +247,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the measurements to this JSON file")
     parser.add_argument("--cpu", action="store_true", help="run the small CPU benchmark even if a GPU is present")
-    parser.add_argument("--ops", default="loss,kl,linear", help="comma-separated subset of loss,kl,linear")
+    parser.add_argument("--ops", help="comma-separated subset of loss,kl,loss_kl,linear (default: all on a GPU, "
+                        "loss,loss_kl on the CPU)")
     parser.add_argument("--shapes", help="N×V pairs to run instead of the defaults, e.g. 8192x151936,4096x32000")
     parser.add_argument("--no-compile", action="store_true", help="skip the naive loss under torch.compile")
     args = parser.parse_args()
-    ops = args.ops.split(",")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     if torch.cuda.is_available() and not args.cpu:
+        ops = (args.ops or "loss,kl,loss_kl,linear").split(",")
         result = run_gpu(shapes or GPU_SHAPES, ops, compile_naive=not args.no_compile)
     else:
-        result = run_cpu(shapes or CPU_SHAPES, ops)
+        result = run_cpu(shapes or CPU_SHAPES, (args.ops or "loss,loss_kl").split(","))
     result.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     if args.out:
         with open(args.out, "w") as f:

@@ -6,7 +6,7 @@ and Apple's Cut Cross-Entropy's fused linear losses).
 Forward: for each chunk of C tokens, logits_c = hidden_c @ weightᵀ (C, V) in the input dtype, then the row
 kernels of logprobs.py (and kl.py) give logp, the LSE (and KL); only the (N,) results are kept.
 Backward: each chunk's logits are recomputed, turned into dlogits_c = g_logp·(onehot − p) + g_kl·p·(log p − log q − KL)
-(written over the recomputed logits), and
+by one kernel (written over the recomputed logits), and
     d hidden_c = dlogits_c @ weight      (C, D)
     d weight  += dlogits_cᵀ @ hidden_c   (V, D), accumulated in fp32 over the chunks.
 Peak extra memory is O(C·V) plus the fp32 d weight accumulator, flat in N. The reference side (ref_hidden,
@@ -39,10 +39,11 @@ class LinearLogprobs(torch.autograd.Function):
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
             logits = hidden[a:b] @ weight.t()  # (C, V)
-            logp[a:b], lse[a:b] = lp_forward(logits, labels[a:b], ignore_index)
-            if has_ref:
+            if has_ref:  # logp and KL from one pass over both chunks
                 ref_logits = ref_hidden[a:b] @ ref_weight.t()  # (C, V)
-                kl[a:b], _, ref_lse[a:b] = kl_forward(logits, ref_logits)
+                kl[a:b], lse[a:b], ref_lse[a:b], logp[a:b] = kl_forward(logits, ref_logits, labels[a:b], ignore_index)
+            else:
+                logp[a:b], lse[a:b] = lp_forward(logits, labels[a:b], ignore_index)
         ctx.save_for_backward(hidden, weight, labels, lse, kl, ref_lse,
                               *((ref_hidden, ref_weight) if has_ref else ()))
         ctx.ignore_index, ctx.chunk_size, ctx.backend, ctx.has_ref = ignore_index, chunk_size, backend, has_ref
@@ -58,19 +59,20 @@ class LinearLogprobs(torch.autograd.Function):
         N = hidden.shape[0]
         if grad_logp is None:
             grad_logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        if grad_kl is None:
+            grad_kl = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for a in range(0, N, ctx.chunk_size):
             b = min(a + ctx.chunk_size, N)
-            logits = hidden[a:b] @ weight.t()  # (C, V), recomputed
-            grad_kl_part = None
-            if ctx.has_ref and grad_kl is not None:
+            logits = hidden[a:b] @ weight.t()  # (C, V), recomputed, then overwritten by its gradient
+            if ctx.has_ref:
                 ref_logits = ref[0][a:b] @ ref[1].t()
-                grad_kl_part = kl_backward(logits, ref_logits, kl[a:b], lse[a:b], ref_lse[a:b], grad_kl[a:b])
-            grad_logits = lp_backward(logits, labels[a:b], lse[a:b], grad_logp[a:b], ctx.ignore_index, out=logits)
-            if grad_kl_part is not None:
-                grad_logits += grad_kl_part
+                grad_logits = kl_backward(logits, ref_logits, kl[a:b], lse[a:b], ref_lse[a:b], grad_kl[a:b],
+                                          labels[a:b], grad_logp[a:b], ctx.ignore_index, out=logits)
+            else:
+                grad_logits = lp_backward(logits, labels[a:b], lse[a:b], grad_logp[a:b], ctx.ignore_index, out=logits)
             if grad_hidden is not None:
                 grad_hidden[a:b] = grad_logits @ weight  # (C, D)
             if grad_weight is not None:

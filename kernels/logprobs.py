@@ -137,7 +137,8 @@ def logprobs_forward_torch(logits, labels, ignore_index=-100, block_v=None):
         lse[a:a + rows] = torch.where(has_mass, x_max - log_softmax.amax(-1), float("-inf"))
         lab = labels[a:a + rows]
         valid = (lab != ignore_index) & has_mass
-        logp[a:a + rows] = torch.where(valid, log_softmax.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1), 0.0)
+        label_logp = log_softmax.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
+        logp[a:a + rows] = torch.where(valid, label_logp, 0.0)
     return logp, lse
 
 
@@ -150,7 +151,8 @@ def logprobs_backward_torch(logits, labels, lse, grad, ignore_index=-100, out=No
         has_mass = lse_c > float("-inf")
         g = torch.where((lab != ignore_index) & has_mass, grad[a:a + rows].float(), 0.0)[:, None]
         # g·(onehot − p), built in place in one fp32 chunk: p = exp(x − LSE), then −g·p, then +g at the label
-        d = logits[a:a + rows].to(torch.float32, copy=True).sub_(torch.where(has_mass, lse_c, 0.0)[:, None]).exp_().mul_(-g)
+        d = logits[a:a + rows].to(torch.float32, copy=True).sub_(torch.where(has_mass, lse_c, 0.0)[:, None])
+        d = d.exp_().mul_(-g)
         d.scatter_add_(1, torch.where(lab != ignore_index, lab, 0)[:, None], g)
         out[a:a + rows] = d
     return out

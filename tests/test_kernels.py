@@ -19,7 +19,8 @@ BACKENDS = ["triton", "torch"]
 LOGPROBS = {"triton": logprobs.token_logprobs_triton, "torch": logprobs.token_logprobs_torch}
 KL = {"triton": kl.token_kl_triton, "torch": kl.token_kl_torch}
 # Forward results are computed in fp32 whatever the input dtype; gradients come back in the input dtype.
-GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
+GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+            torch.float16: dict(rtol=2e-3, atol=1e-6)}
 
 
 def random_logits(N, V, dtype, seed, scale=3.0, neg_inf=True, masked_row=None):
@@ -76,7 +77,7 @@ def assert_grad_close(actual, expected, dtype, scale=1.0):
 # ---------------------------------------------------------------------------------------------------------- logprobs
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,V", [(1, 1), (5, 3), (6, 4231)])
 def test_token_logprobs_match_float64_with_ignored_labels_and_inf(backend, dtype, N, V):
     x = random_logits(N, V, dtype, seed=V + N, masked_row=N - 1 if N > 2 else None)
@@ -206,11 +207,38 @@ def test_triton_kl_with_many_chunks():
     x = random_logits(2, 4231, torch.float32, seed=31)
     y = random_logits(2, 4231, torch.float32, seed=32, neg_inf=False)
     grad = torch.randn(2, generator=torch.Generator().manual_seed(31))
-    kl_rows, lse, ref_lse = kl.kl_forward_triton(x, y, block_v=512)
-    grad_logits = kl.kl_backward_triton(x, y, kl_rows, lse, ref_lse, grad, block_v=512)
+    labels = finite_labels(x, seed=31)
+    grad_logp = torch.randn(2, generator=torch.Generator().manual_seed(32))
+    kl_rows, lse, ref_lse, logp = kl.kl_forward_triton(x, y, labels, block_v=512)
+    grad_logits = kl.kl_backward_triton(x, y, kl_rows, lse, ref_lse, grad, labels, grad_logp, block_v=512)
     expected, expected_grad = ref_kl_and_grad(x, y, grad)
+    expected_logp, expected_logp_grad = ref_logprobs_and_grad(x, labels, grad_logp)
     torch.testing.assert_close(kl_rows.double(), expected, rtol=1e-5, atol=1e-5)
-    assert_grad_close(grad_logits, expected_grad, torch.float32)
+    torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
+    assert_grad_close(grad_logits, expected_grad + expected_logp_grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logprobs_and_kl_in_one_pass_equal_the_two_separately(backend, dtype, inplace):
+    N, V = 6, 1031
+    x = random_logits(N, V, dtype, seed=90, masked_row=4)
+    y = random_logits(N, V, torch.float64, seed=91, neg_inf=False)
+    y = torch.where(torch.isfinite(x.double()) | (torch.rand(N, V) < 0.5), y, float("-inf")).to(dtype)
+    labels = finite_labels(x, seed=90)
+    labels[2] = -100
+    g = torch.Generator().manual_seed(92)
+    grad_logp, grad_kl = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1  # a non-leaf buffer that the in-place backward may overwrite
+    logp, kl_rows = KL[backend](logits, y, labels, inplace_backward=inplace)
+    ((logp * grad_logp).sum() + (kl_rows * grad_kl).sum()).backward()
+    expected_logp, grad_from_logp = ref_logprobs_and_grad(x, labels, grad_logp)
+    expected_kl, grad_from_kl = ref_kl_and_grad(x, y, grad_kl)
+    torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl_rows.double(), expected_kl, rtol=1e-5, atol=1e-5)
+    assert_grad_close(leaf.grad, grad_from_logp + grad_from_kl, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------- Bellman
@@ -239,7 +267,8 @@ def test_bellman_kernel_equals_oreo_loss_and_the_loop_derivation(variant, block_
     for name, expected in (("oreo_loss", losses_and_grads(oreo_loss, torch.float64)),
                            ("oreo_loss_loops", losses_and_grads(oreo_loss_loops, torch.float64))):
         for what, a, b in zip(("policy loss", "value loss", "d logp", "d values"), kernel, expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{variant}: {what} differs from {name}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{variant}: {what} differs from {name}: {m}")
 
 
 def test_bellman_step_residual_reaches_every_token_of_its_step_across_chunks():
