@@ -119,7 +119,8 @@ def kl_term(kind, logits, ref_logits, logp, ref_logp, mask):
         B, L, V = logits.shape
         kl = kernels.token_kl(logits.view(B * L, V), ref_logits.view(B * L, V)).view(B, L)[:, :-1]
     else:
-        # k3 estimator on the sampled token: exp(ref − logp) + (logp − ref) − 1 (unbiased, ≥ 0, no vocab pass)
+        # k3 estimator on the data's token: exp(ref − logp) + (logp − ref) − 1 (≥ 0, no vocabulary pass;
+        # unbiased only for tokens sampled from π, which offline data are not)
         log_ratio = ref_logp - logp
         kl = log_ratio.exp() - log_ratio - 1
     return masked_mean(kl, mask)
@@ -141,8 +142,8 @@ def dpo_loss(logp, ref_logp, mask, beta):
 def kto_loss(logp, ref_logp, mask, rewards, beta, lambda_desirable=1.0, lambda_undesirable=1.0):
     """KTO on the same data: reward-1 responses are desirable, the others undesirable."""
     # KTO: desirable λ_D(1 − σ(β(r − z0))), undesirable λ_U(1 − σ(β(z0 − r))), r = Σ mask·(log π − log π_ref),
-    # z0 = a detached batch estimate of KL[π‖π_ref]: the micro-batch mean of r, clamped at 0 (the paper uses
-    # mismatched prompt/response pairs for it; the batch mean is the cheap stand-in TRL also offers)
+    # z0 = a detached batch estimate of KL[π‖π_ref]: the micro-batch mean of r, clamped at 0 (the KTO paper
+    # estimates it on mismatched prompt/response pairs; the batch mean is a cheaper stand-in)
     r = (mask * (logp - ref_logp)).sum(-1)  # (B,)
     z0 = r.detach().mean().clamp(min=0)
     desirable = lambda_desirable * (1 - torch.sigmoid(beta * (r - z0)))
@@ -482,13 +483,15 @@ def main(argv=None):
         if m is not None and args.grad_checkpointing:
             m.set_gradient_checkpointing(True)
     if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # On GPU, gather bf16 weights (half the traffic; autocast would cast them anyway), reduce gradients in fp32.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_cuda else None, reduce_dtype=torch.float32)
         for m, blocks in ((policy, policy.layers), (reference, reference and reference.layers),
                           (value, value and value.backbone.layers)):
             if m is not None:
                 for block in blocks:
-                    fully_shard(block)
-                fully_shard(m)
+                    fully_shard(block, mp_policy=mp)
+                fully_shard(m, mp_policy=mp)
     if args.compile:
         policy, reference, value = (m and torch.compile(m) for m in (policy, reference, value))
     if ddp and not args.fsdp:
@@ -497,8 +500,8 @@ def main(argv=None):
         policy = DDP(policy, device_ids=device_ids)
         value = value and DDP(value, device_ids=device_ids)
     trained = [(policy, raw_policy, args.lr)] + ([(value, raw_value, args.value_lr)] if value is not None else [])
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=use_cuda)
-                  for m, _, lr in trained]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                    fused=use_cuda and not args.fsdp) for m, _, lr in trained]
 
     sampler = data.Sampler(len(examples), args.batch_size, args.seed, rank=rank, world_size=world_size)
     steps_per_epoch = len(examples) // args.batch_size
@@ -606,8 +609,8 @@ def main(argv=None):
             norm = torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or float("inf"))
             grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
         # A NaN/inf stops the run before any optimizer step, so the last checkpoint stays the last good state.
-        checks = [("policy loss", policy_loss), ("value loss", value_loss), ("KL", kl),
-                  ("policy gradient norm", grad_norms[0]), ("value gradient norm", grad_norms[-1])]
+        checks = [("policy loss", policy_loss), ("value loss", value_loss), ("KL", kl)] + [
+            (f"{name} gradient norm", norm) for name, norm in zip(("policy", "value"), grad_norms)]
         bad = [f"{name} {x}" for name, x in checks if not math.isfinite(x)]
         if bad:
             msg = (f"oreo.py: step {step + 1}: non-finite {', '.join(bad)}; stopped before the optimizer step. "
@@ -620,11 +623,11 @@ def main(argv=None):
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             checkpoint(step + 1)
             last_saved = step + 1
 
-        dt = time.perf_counter() - t0
         if master:
             done = step + 1 - start_step
             eta = (time.perf_counter() - t_start) / done * (total_steps - step - 1)

@@ -24,27 +24,27 @@ torchrun --standalone --nproc_per_node=8 search.py collect --policy $SFT --probl
 
 # One node, 8 GPUs (DDP): 128 = 4 sequences × 4 accumulation steps × 8 GPUs.
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --delimiters math \
-    --micro-batch-size 4 --grad-checkpointing --out runs/oreo-1.5b
+    --micro-batch-size 4 --grad-checkpointing --out out/oreo-1.5b
 
 # Two nodes × 8 GPUs: run the same command on both, node_rank 0 and 1; MASTER is node 0's address.
 # All nodes must see the same --out folder (a shared file system): rank 0 writes, every rank reads on --resume.
 torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
-    oreo.py --init $SFT --data $DATA --delimiters math --micro-batch-size 4 --grad-checkpointing --out runs/oreo-1.5b
+    oreo.py --init $SFT --data $DATA --delimiters math --micro-batch-size 4 --grad-checkpointing --out out/oreo-1.5b
 torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
-    oreo.py --init $SFT --data $DATA --delimiters math --micro-batch-size 4 --grad-checkpointing --out runs/oreo-1.5b
+    oreo.py --init $SFT --data $DATA --delimiters math --micro-batch-size 4 --grad-checkpointing --out out/oreo-1.5b
 
 # 7B (DeepSeekMath-7B) does not fit replicated: shard the three models with FSDP2; the paper's critic lr 1e-4, 2 epochs.
 torchrun --standalone --nproc_per_node=8 oreo.py --init ckpt/deepseekmath-7b-sft --data $DATA --fsdp \
-    --grad-checkpointing --micro-batch-size 2 --value-lr 1e-4 --epochs 2 --out runs/oreo-7b
+    --grad-checkpointing --micro-batch-size 2 --value-lr 1e-4 --epochs 2 --out out/oreo-7b
 
 # Step-level OREO (α 0.1) and the baselines on the same data.
-torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --variant step --delimiters math --out runs/oreo-step
-torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss rs  --out runs/rs
-torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss dpo --out runs/dpo
+torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --variant step --delimiters math --out out/oreo-step
+torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss rs  --out out/rs
+torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss dpo --out out/dpo
 
 # A preempted job: the same command with --resume continues exactly where ckpt.pt left off.
 # Evaluate: greedy with the policy, and value-guided step beam search (paper: B = 7 best).
-python search.py eval --policy runs/oreo-1.5b/policy --value runs/oreo-1.5b/value --problems data/math500.jsonl \
+python search.py eval --policy out/oreo-1.5b/policy --value out/oreo-1.5b/value --problems data/math500.jsonl \
     --prompt-style qwen-math --delimiters math --methods greedy,beam7 --max-new-tokens 1024
 EOF
 exit 0
@@ -53,7 +53,7 @@ fi
 # ---- The built-in task (DESIGN.md §5): "7 +6 -6 +4 -1 +5 *8" → one step per line, "#### n" ----------------------
 # Tiny Llama-family model (≈0.47M parameters), byte tokenizer, everything on the CPU. The demonstrator misreads '*'
 # as '+' with probability 0.7 and its lines show the operator it used, so a value model can check the steps.
-OUT=${OUT:-runs/builtin}
+OUT=${OUT:-out/builtin}
 SEED=${SEED:-0}
 STEPS=${STEPS:-200}                  # optimizer steps of each offline method
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny matrices: more threads mostly add contention on a shared CPU
