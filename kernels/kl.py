@@ -112,7 +112,7 @@ def kl_forward_triton(logits, ref_logits, labels=None, ignore_index=-100, block_
     block = block_v or _block_v(V)
     if N > 0:
         _kl_fwd_kernel[(N,)](logits, logits.stride(0), ref_logits, ref_logits.stride(0), kl, lse, ref_lse,
-                             kl if labels is None else labels, kl if logp is None else logp, V, ignore_index,
+                             kl if labels is None else labels.contiguous(), kl if logp is None else logp, V, ignore_index,
                              WITH_LABELS=labels is not None, BLOCK_V=block, num_warps=_num_warps(block))
     return kl, lse, ref_lse, logp
 
@@ -126,7 +126,7 @@ def kl_backward_triton(logits, ref_logits, kl, lse, ref_lse, grad_kl, labels=Non
     block = block_v or _block_v(V)
     if N > 0:
         _kl_bwd_kernel[(N,)](logits, logits.stride(0), ref_logits, ref_logits.stride(0), out, out.stride(0), kl, lse,
-                             ref_lse, grad_kl.contiguous(), kl if labels is None else labels,
+                             ref_lse, grad_kl.contiguous(), kl if labels is None else labels.contiguous(),
                              kl if grad_logp is None else grad_logp.contiguous(), V, ignore_index,
                              WITH_LABELS=labels is not None, BLOCK_V=block, num_warps=_num_warps(block))
     return out
@@ -139,7 +139,7 @@ def _log_softmax_and_lse(x):
     return log_softmax, torch.where(x_max > float("-inf"), x_max - log_softmax.amax(-1), float("-inf"))
 
 
-def kl_forward_torch(logits, ref_logits, labels=None, ignore_index=-100, block_v=None):
+def kl_forward_torch(logits, ref_logits, labels=None, ignore_index=-100):
     """The same results as kl_forward_triton, in plain PyTorch over row chunks."""
     N, V = logits.shape
     kl, lse, ref_lse = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -160,7 +160,7 @@ def kl_forward_torch(logits, ref_logits, labels=None, ignore_index=-100, block_v
 
 
 def kl_backward_torch(logits, ref_logits, kl, lse, ref_lse, grad_kl, labels=None, grad_logp=None, ignore_index=-100,
-                      out=None, block_v=None):
+                      out=None):
     out = torch.empty_like(logits) if out is None else out
     N, V = logits.shape
     rows = _row_chunk(V)

@@ -98,7 +98,7 @@ def logprobs_forward_triton(logits, labels, ignore_index=-100, block_v=None):
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     block = block_v or _block_v(V)
     if N > 0:
-        _logprobs_fwd_kernel[(N,)](logits, logits.stride(0), labels, logp, lse, V, ignore_index, BLOCK_V=block,
+        _logprobs_fwd_kernel[(N,)](logits, logits.stride(0), labels.contiguous(), logp, lse, V, ignore_index, BLOCK_V=block,
                                    num_warps=_num_warps(block))
     return logp, lse
 
@@ -110,7 +110,7 @@ def logprobs_backward_triton(logits, labels, lse, grad, ignore_index=-100, out=N
     N, V = logits.shape
     block = block_v or _block_v(V)
     if N > 0:
-        _logprobs_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels, lse, grad.contiguous(), V,
+        _logprobs_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels.contiguous(), lse, grad.contiguous(), V,
                                    ignore_index, BLOCK_V=block, num_warps=_num_warps(block))
     return out
 
@@ -121,8 +121,8 @@ def _row_chunk(V):
     return max(1, (1 << 22) // max(V, 1))
 
 
-def logprobs_forward_torch(logits, labels, ignore_index=-100, block_v=None):
-    """The same results as logprobs_forward_triton, in plain PyTorch over row chunks (CPU without Triton)."""
+def logprobs_forward_torch(logits, labels, ignore_index=-100):
+    """The same results as logprobs_forward_triton, in plain PyTorch over row chunks (the path on CPU tensors)."""
     N, V = logits.shape
     logp = torch.zeros(N, dtype=torch.float32, device=logits.device)
     lse = torch.full((N,), float("-inf"), dtype=torch.float32, device=logits.device)
@@ -142,7 +142,7 @@ def logprobs_forward_torch(logits, labels, ignore_index=-100, block_v=None):
     return logp, lse
 
 
-def logprobs_backward_torch(logits, labels, lse, grad, ignore_index=-100, out=None, block_v=None):
+def logprobs_backward_torch(logits, labels, lse, grad, ignore_index=-100, out=None):
     out = torch.empty_like(logits) if out is None else out
     N, V = logits.shape
     rows = _row_chunk(V)

@@ -153,6 +153,18 @@ def test_inplace_backward_overwrites_only_its_own_logits(backend):
                                msg="inplace_backward should leave the gradient in the logits buffer")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_labels_and_upstream_gradients_are_read_correctly(backend):
+    x = random_logits(4, 37, torch.float32, seed=13)
+    labels = torch.stack([finite_labels(x, seed=13), torch.zeros(4, dtype=torch.long)], 1)[:, 0]  # stride 2
+    grad = torch.randn(4, 2, generator=torch.Generator().manual_seed(13))[:, 1]  # stride 2
+    logits = x.clone().requires_grad_()
+    LOGPROBS[backend](logits, labels).backward(grad)
+    ref_logp, ref_grad = ref_logprobs_and_grad(x, labels.contiguous(), grad.contiguous())
+    torch.testing.assert_close(LOGPROBS[backend](x, labels).double(), ref_logp, rtol=1e-5, atol=1e-5)
+    assert_grad_close(logits.grad, ref_grad, torch.float32)
+
+
 def test_out_of_vocabulary_label_is_an_error_naming_the_function():
     with pytest.raises(ValueError, match="token_logprobs.*outside the vocabulary"):
         logprobs.token_logprobs(torch.zeros(2, 5), torch.tensor([1, 5]))
