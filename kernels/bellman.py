@@ -121,8 +121,9 @@ def bellman_forward_triton(logp, ref_logp, values, rewards, mask, beta, variant,
     coef = torch.empty(B, T, dtype=torch.float32, device=logp.device)
     rows = torch.empty(B, 4, dtype=torch.float32, device=logp.device)
     block = block_t or min(triton.next_power_of_2(max(T, 1)), 1024)
-    _bellman_fwd_kernel[(B,)](logp, ref_logp, values, rewards, mask, starts, res_v, coef, rows, T, float(beta),
-                              VARIANT=VARIANTS[variant], BLOCK_T=block, num_warps=4)
+    if B > 0:
+        _bellman_fwd_kernel[(B,)](logp, ref_logp, values, rewards, mask, starts, res_v, coef, rows, T, float(beta),
+                                  VARIANT=VARIANTS[variant], BLOCK_T=block, num_warps=4)
     return res_v, coef, rows
 
 

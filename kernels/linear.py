@@ -76,7 +76,7 @@ class LinearLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[a:b] = grad_logits @ weight  # (C, D)
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ hidden[a:b]).float()  # (V, D)
+                grad_weight.add_(grad_logits.t() @ hidden[a:b])  # (V, D), promoted into fp32 without an fp32 copy
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
