@@ -159,9 +159,14 @@ DEFAULT_BETA = {"oreo": 0.03, "dpo": 0.1, "kto": 0.1}
 DEFAULT_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.3}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # options without a fixed default explain theirs in the help text
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="OREO and its baselines (SFT, RS, DPO, KTO) on offline trajectories.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="trajectories .jsonl ({prompt, response, reward} or {messages, reward}); "
                    "without it, graded demonstrations of the built-in task")
