@@ -640,7 +640,8 @@ def main(argv=None):
                    "mean_value": mean_value, "mean_reward": mean_reward, "lr": optimizers[0].param_groups[0]["lr"],
                    "grad_norm_policy": grad_norms[0], "grad_norm_value": grad_norms[1] if value is not None else None,
                    "tokens_per_s": tokens / dt, "eta_s": eta}
-            line = (f"step {step + 1}/{total_steps} | {'policy' if value is not None else args.loss} {policy_loss:.4f}" +
+            name = "policy" if value is not None else args.loss
+            line = (f"step {step + 1}/{total_steps} | {name} {policy_loss:.4f}" +
                     (f" value {value_loss:.4f} KL {kl:.4f} | V {mean_value:+.3f}" if value is not None else "") +
                     f" R {mean_reward:.3f} | lr {row['lr']:.2e} | grad norm {grad_norms[0]:.3f}" +
                     (f" / {grad_norms[1]:.3f}" if value is not None else "") + f" | {tokens / dt:,.0f} tok/s")

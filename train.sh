@@ -38,7 +38,8 @@ torchrun --standalone --nproc_per_node=8 oreo.py --init ckpt/deepseekmath-7b-sft
     --grad-checkpointing --micro-batch-size 2 --value-lr 1e-4 --epochs 2 --out out/oreo-7b
 
 # Step-level OREO (α 0.1) and the baselines on the same data.
-torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --variant step --delimiters math --out out/oreo-step
+torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --variant step --delimiters math \
+    --out out/oreo-step
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss rs  --out out/rs
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss dpo --out out/dpo
 
