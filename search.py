@@ -81,9 +81,10 @@ def _limits(model, prompts, max_new_tokens):
 
 @torch.no_grad()
 def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                         generator=None, stop=()):
-    """New tokens per prompt (the EOS / stop id included when sampled) and why each row stopped ("eos" | "stop" |
-    "length"). tokenizer None means no EOS and no stop strings (benchmarks)."""
+                         generator=None, stop=(), n_samples=1):
+    """New tokens per row (the EOS / stop id included when sampled) and why each row stopped ("eos" | "stop" |
+    "length"). There are n_samples rows per prompt, prompt-major (row r continues prompt r // n_samples): each
+    prompt is prefilled once and its cache rows copied. tokenizer None: no EOS, no stop strings (benchmarks)."""
     device = model.lm_head.weight.device
     limits = _limits(model, prompts, max_new_tokens)
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -91,22 +92,23 @@ def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=
     input_ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right padded
     cache = model.new_cache(B, max(len(p) + n for p, n in zip(prompts, limits)))
     logits = model.prefill(input_ids, lengths, cache)                                # (B, V)
-    out = [[] for _ in prompts]
-    finish = ["length" if n == 0 else None for n in limits]
-    active = [b for b in range(B) if finish[b] is None]   # the prompt index of each row of the cache
-    if len(active) < B:
-        cache, logits = cache.select(torch.tensor(active, dtype=torch.long, device=device)), logits[active]
+    out = [[] for _ in range(B * n_samples)]
+    finish = ["length" if limits[r // n_samples] == 0 else None for r in range(B * n_samples)]
+    active = [r for r, f in enumerate(finish) if f is None]   # the output row of each row of the cache
+    if active != list(range(B)):
+        rows = torch.tensor([r // n_samples for r in active], dtype=torch.long, device=device)
+        cache, logits = cache.select(rows), logits[rows]
     while active:
         next_ids = sample_next(logits, temperature, top_p, top_k, generator)        # (B_active,)
         keep = []
-        for row, (b, token) in enumerate(zip(active, next_ids.tolist())):
-            out[b].append(token)
-            finish[b] = _check_stop(tokenizer, out[b], limits[b], stop)
-            if finish[b] is None:
+        for row, (r, token) in enumerate(zip(active, next_ids.tolist())):
+            out[r].append(token)
+            finish[r] = _check_stop(tokenizer, out[r], limits[r // n_samples], stop)
+            if finish[r] is None:
                 keep.append(row)
         if len(keep) < len(active):  # finished rows leave the batch (and so never outgrow the cache)
             rows = torch.tensor(keep, dtype=torch.long, device=device)
-            active, next_ids, cache = [active[r] for r in keep], next_ids[rows], cache.select(rows)
+            active, next_ids, cache = [active[i] for i in keep], next_ids[rows], cache.select(rows)
         if active:
             logits = model.decode(next_ids, cache)
     return out, finish
@@ -141,18 +143,20 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
                                 stop)[0]
 
 
-def sample_batched(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling):
-    """generate_with_finish over batches of batch_size prompts (longest first, so that a batch holds similar
-    lengths); results in the order of prompts."""
+def sample_batched(model, tokenizer, prompts, max_new_tokens, batch_size, n_samples=1, **sampling):
+    """generate_with_finish over batches of about batch_size rows (longest prompts first, so that a batch holds
+    similar lengths); n_samples rows per prompt, prompt-major, in the order of prompts."""
     limits = _limits(model, prompts, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out, finish = [None] * len(prompts), [None] * len(prompts)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    per_batch = max(1, batch_size // n_samples)
+    out, finish = [None] * (len(prompts) * n_samples), [None] * (len(prompts) * n_samples)
+    for i in range(0, len(order), per_batch):
+        idx = order[i:i + per_batch]
         tokens, why = generate_with_finish(model, tokenizer, [prompts[j] for j in idx], [limits[j] for j in idx],
-                                           **sampling)
-        for j, t, w in zip(idx, tokens, why):
-            out[j], finish[j] = t, w
+                                           n_samples=n_samples, **sampling)
+        for k, j in enumerate(idx):
+            out[j * n_samples:(j + 1) * n_samples] = tokens[k * n_samples:(k + 1) * n_samples]
+            finish[j * n_samples:(j + 1) * n_samples] = why[k * n_samples:(k + 1) * n_samples]
     return out, finish
 
 
@@ -180,8 +184,8 @@ def last_token_values(value_model, seqs, batch_size=64):
 def beam_search(prompts, expand, value, beam_width, max_steps=20):
     """Value-guided step-level beam search, for many prompts at once.
 
-    expand(pairs) -> [(new_tokens, finish)]: one sampled continuation per (prompt, response) pair, up to the next
-    step delimiter; finish is "stop" at a delimiter, "eos" or "length" when the answer is complete.
+    expand(pairs) -> for each (prompt, response) pair, beam_width sampled continuations [(new_tokens, finish)] up
+    to the next step delimiter; finish is "stop" at a delimiter, "eos" or "length" when the answer is complete.
     value(seqs) -> [float]: the value at the last token of each token sequence.
     Each prompt starts with one empty beam; every beam samples beam_width continuations; each candidate is scored
     at its last token (a finished one at the token before EOS: the state whose action is EOS; the EOS position is
@@ -193,17 +197,17 @@ def beam_search(prompts, expand, value, beam_width, max_steps=20):
     pools = [[] for _ in prompts]
     sampled = [0] * len(prompts)
     for _ in range(max_steps):
-        owners = [i for i, bs in enumerate(beams) for _ in bs for _ in range(beam_width)]
-        parents = [resp for bs in beams for _, resp in bs for _ in range(beam_width)]
-        if not owners:
+        parents = [(i, resp) for i, bs in enumerate(beams) for _, resp in bs]
+        if not parents:
             break
-        steps = expand([(prompts[i], resp) for i, resp in zip(owners, parents)])
-        candidates = [(i, parent + new, why) for i, parent, (new, why) in zip(owners, parents, steps)]
+        steps = expand([(prompts[i], resp) for i, resp in parents])
+        candidates = [(i, resp + new, why) for (i, resp), conts in zip(parents, steps) for new, why in conts]
         values = value([prompts[i] + (resp[:-1] if why == "eos" else resp) for i, resp, why in candidates])
         open_ = [[] for _ in prompts]
-        for (i, resp, why), v, (new, _) in zip(candidates, values, steps):
-            sampled[i] += len(new)
+        for (i, resp, why), v in zip(candidates, values):
             (open_ if why == "stop" else pools)[i].append((v, resp))
+        for (i, _), conts in zip(parents, steps):
+            sampled[i] += sum(len(new) for new, _ in conts)
         # sorted() is stable: among equal values the earlier candidate (earlier beam, earlier sample) wins
         beams = [sorted(cands, key=lambda c: -c[0])[:beam_width] for cands in open_]
     results = []
@@ -221,9 +225,10 @@ def value_beam_search(policy, tokenizer, value_fn, prompts, beam_width, delimite
     def expand(pairs):
         tokens, finish = sample_batched(policy, tokenizer, [p + r for p, r in pairs],
                                         [max_new_tokens - len(r) for _, r in pairs], batch_size,
-                                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                                        stop=tuple(delimiters))
-        return list(zip(tokens, finish))
+                                        n_samples=beam_width, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        generator=generator, stop=tuple(delimiters))
+        return [list(zip(tokens[i:i + beam_width], finish[i:i + beam_width]))
+                for i in range(0, len(tokens), beam_width)]
     return beam_search(prompts, expand, value_fn, beam_width, max_steps)
 
 
@@ -232,9 +237,10 @@ def best_of_k(policy, tokenizer, value_fn, prompts, k, max_new_tokens, temperatu
     """K samples per prompt, each scored by the value at its last token (before EOS when it ended with EOS).
     Returns per prompt {"samples": [tokens] * K, "finish", "values", "best": index of the highest value (first
     on ties)}. With stop strings that end a turn this is per-turn action selection (see select_action)."""
+    tokens, finish = sample_batched(policy, tokenizer, prompts, max_new_tokens, batch_size, n_samples=k,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                    stop=tuple(stop))
     seqs = [p for p in prompts for _ in range(k)]
-    tokens, finish = sample_batched(policy, tokenizer, seqs, max_new_tokens, batch_size, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, generator=generator, stop=tuple(stop))
     values = value_fn([s + (t[:-1] if w == "eos" else t) for s, t, w in zip(seqs, tokens, finish)])
     results = []
     for i in range(len(prompts)):
@@ -407,10 +413,9 @@ def collect(args):
     for c in mine:
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + c)
         prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in chunks[c]]
-        seqs = [ids for ids in prompts for _ in range(args.k)]
-        tokens, finish = sample_batched(policy, tokenizer, seqs, args.max_new_tokens, args.batch_size,
-                                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        generator=generator, stop=tuple(args.stop))
+        tokens, finish = sample_batched(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                        n_samples=args.k, temperature=args.temperature, top_p=args.top_p,
+                                        top_k=args.top_k, generator=generator, stop=tuple(args.stop))
         rows = []
         for i, p in enumerate(chunks[c]):
             if p["id"] in done:

@@ -53,6 +53,12 @@ def test_cached_generation_equals_naive_token_for_token(family, sampling):
                                          **kwargs)
     naive = search.generate_naive(model, TOKENIZER, prompts, generator=torch.Generator().manual_seed(3), **kwargs)
     assert cached == naive
+    # several samples per prompt share one prefill; they must equal sampling the repeated prompts
+    limits = [n for n in kwargs["max_new_tokens"] for _ in range(3)]
+    repeated = search.generate_naive(model, TOKENIZER, [p for p in prompts for _ in range(3)],
+                                     generator=torch.Generator().manual_seed(4), **dict(kwargs, max_new_tokens=limits))
+    assert search.generate_with_finish(model, TOKENIZER, prompts, generator=torch.Generator().manual_seed(4),
+                                       n_samples=3, **kwargs) == repeated
 
 
 def test_batch_rows_of_different_lengths_equal_each_row_alone():
@@ -127,18 +133,13 @@ def test_response_text_drops_the_eos_and_the_stop_string_that_ended_it():
 
 
 def scripted_search(tree, values, beam_width, max_steps=20):
-    """Beam search over a scripted tree: tree[response] lists the continuations (tokens, finish) that the
-    1st, 2nd, ... sample of that beam returns; values[response] is the value at its last token."""
+    """Beam search over a scripted tree: tree[response] lists the beam_width continuations (tokens, finish) that
+    sampling from that beam returns; values[response] is the value at its last token."""
     calls = []
 
     def expand(pairs):
-        calls.append([tuple(r) for _, r in pairs])
-        seen = {}
-        out = []
-        for _, resp in pairs:
-            j = seen[tuple(resp)] = seen.get(tuple(resp), -1) + 1
-            out.append(tree[tuple(resp)][j])
-        return out
+        calls.append([tuple(resp) for _, resp in pairs])
+        return [tree[tuple(resp)] for _, resp in pairs]
 
     def value(seqs):
         return [values[tuple(s[1:])] for s in seqs]   # s = prompt [99] + response
@@ -158,7 +159,7 @@ def test_beam_search_follows_the_highest_values_and_keeps_ties_stable():
     best, calls = scripted_search(tree, values, beam_width=2)
     # step 1: one beam, two samples; step 2: (1,) and (2,) in sampling order (tie 0.5/0.5); step 3: (2,5) first,
     # then (1,3) and not (2,6): both are worth 0.2, and a tie keeps the earlier candidate
-    assert calls == [[(), ()], [(1,), (1,), (2,), (2,)], [(2, 5), (2, 5), (1, 3), (1, 3)]]
+    assert calls == [[()], [(1,), (2,)], [(2, 5), (1, 3)]]
     assert best["response"] == [1, 3, 8] and best["value"] == 0.95
     # finished ones are scored before their EOS: (1, 4, 0) has the value of (1, 4)
     assert sorted(v for v, _ in best["pool"]) == [0.1, 0.3, 0.4, 0.6, 0.95]
