@@ -87,6 +87,7 @@ def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=
     prompt is prefilled once and its cache rows copied. tokenizer None: no EOS, no stop strings (benchmarks)."""
     device = model.lm_head.weight.device
     limits = _limits(model, prompts, max_new_tokens)
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)   # one string is one stop string, not its characters
     B, T = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     input_ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right padded
@@ -121,6 +122,7 @@ def generate_naive(model, tokenizer, prompts, max_new_tokens, temperature=1.0, t
     Returns the same (tokens, finish) and draws the same random numbers."""
     device = model.lm_head.weight.device
     limits = _limits(model, prompts, max_new_tokens)
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
     out = [[] for _ in prompts]
     finish = ["length" if n == 0 else None for n in limits]
     while any(f is None for f in finish):
@@ -226,7 +228,7 @@ def value_beam_search(policy, tokenizer, value_fn, prompts, beam_width, delimite
         tokens, finish = sample_batched(policy, tokenizer, [p + r for p, r in pairs],
                                         [max_new_tokens - len(r) for _, r in pairs], batch_size,
                                         n_samples=beam_width, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        generator=generator, stop=tuple(delimiters))
+                                        generator=generator, stop=delimiters)
         return [list(zip(tokens[i:i + beam_width], finish[i:i + beam_width]))
                 for i in range(0, len(tokens), beam_width)]
     return beam_search(prompts, expand, value_fn, beam_width, max_steps)
@@ -239,7 +241,7 @@ def best_of_k(policy, tokenizer, value_fn, prompts, k, max_new_tokens, temperatu
     on ties)}. With stop strings that end a turn this is per-turn action selection (see select_action)."""
     tokens, finish = sample_batched(policy, tokenizer, prompts, max_new_tokens, batch_size, n_samples=k,
                                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                                    stop=tuple(stop))
+                                    stop=stop)
     seqs = [p for p in prompts for _ in range(k)]
     values = value_fn([s + (t[:-1] if w == "eos" else t) for s, t, w in zip(seqs, tokens, finish)])
     results = []

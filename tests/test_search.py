@@ -102,6 +102,7 @@ def test_stop_string_spanning_tokens_cuts_right_after_it():
     stop = bytes(free[i - 1:i + 1]).decode()
     tokens, finish = search.generate_with_finish(model, TOKENIZER, prompt, 40, temperature=0, stop=(stop,))
     assert tokens[0] == free[:i + 1] and finish == ["stop"]
+    assert search.generate_with_finish(model, TOKENIZER, prompt, 40, temperature=0, stop=stop) == (tokens, finish)
 
 
 class MergedTokens:
