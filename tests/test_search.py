@@ -61,8 +61,9 @@ def test_cached_generation_equals_naive_token_for_token(family, sampling):
                                        n_samples=3, **kwargs) == repeated
 
 
-def test_batch_rows_of_different_lengths_equal_each_row_alone():
-    model = tiny_model()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_rows_of_different_lengths_equal_each_row_alone(dtype):
+    model = tiny_model(dtype=dtype)
     prompts = random_prompts([2, 17, 6, 1, 9], seed=2)
     batched = search.generate(model, TOKENIZER, prompts, max_new_tokens=20, temperature=0)
     alone = [search.generate(model, TOKENIZER, [p], max_new_tokens=20, temperature=0)[0] for p in prompts]
