@@ -11,6 +11,7 @@ import re
 import pytest
 
 import data
+import tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -329,7 +330,7 @@ def test_step_starts_match_a_character_level_recomputation(style, request):
 def test_a_delimiter_merged_into_a_token_ends_the_step(llama_style):
     hf, folder = llama_style
     tok = data.Tokenizer.from_pretrained(folder)
-    merged = hf.token_to_id(data.byte_level_alphabet()[ord(".")] + data.byte_level_alphabet()[ord("\n")])
+    merged = hf.token_to_id(tokenizer.byte_level_alphabet()[ord(".")] + tokenizer.byte_level_alphabet()[ord("\n")])
     assert merged is not None, "the trained vocabulary should hold '.\\n' as one token"
     ex = data.encode_trajectory(tok, {"prompt": "", "response": "First we add.\nThen we multiply.\nDone",
                                       "reward": 1}, 100)
