@@ -366,12 +366,14 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.tok_emb.weight
         return model
 
-    def save_pretrained(self, folder, max_shard_size=5 * 2**30):
+    def save_pretrained(self, folder, max_shard_size=5 * 2**30, tokenizer=None):
         """Write config.json and model.safetensors (sharded with model.safetensors.index.json above
         max_shard_size bytes) in Hugging Face naming. Atomic: the folder is replaced whole, only once the new
-        one is complete, so other files in it (a tokenizer) must be written after."""
+        one is complete; pass `tokenizer` (anything with save_pretrained(folder)) to have its files in it too."""
         with atomic_folder(folder) as tmp:
             self.write_hf(tmp, max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
 
     def write_hf(self, folder, max_shard_size):
         config, state = self.config, self.state_dict()
@@ -538,7 +540,8 @@ def write_safetensors(folder, tensors, max_shard_size):
 @contextmanager
 def atomic_folder(folder):
     """Yield a temporary folder next to `folder`; once the body finished, it replaces `folder`. A crash while
-    writing leaves the old folder untouched (and a .tmp folder behind)."""
+    writing leaves the old folder untouched (and a .tmp folder behind). A directory cannot be swapped in one
+    rename, so a crash in the instant between the two renames leaves the old folder as .NAME.old-PID."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -594,9 +597,12 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         """Values (B, T) float32; the head runs in fp32 so bf16 values are not rounded to 3 digits."""
         h = self.backbone.hidden_states(input_ids, attention_mask)            # (B, T, D)
-        return F.linear(h.float(), self.head.weight.float()).squeeze(-1)
+        with torch.autocast(h.device.type, enabled=False):  # autocast would cast the fp32 head back to bf16
+            return F.linear(h.float(), self.head.weight.float()).squeeze(-1)
 
-    def save_pretrained(self, folder, max_shard_size=5 * 2**30):
+    def save_pretrained(self, folder, max_shard_size=5 * 2**30, tokenizer=None):
         with atomic_folder(folder) as tmp:
             self.backbone.write_hf(tmp, max_shard_size)
             save_file({"weight": self.head.weight.detach().contiguous().cpu()}, str(tmp / "value_head.safetensors"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))

@@ -259,6 +259,21 @@ def test_value_model_equals_head_on_hidden_states(checkpoints):
     torch.testing.assert_close(value(x), expected)
 
 
+
+def test_value_head_stays_float32_under_bf16_autocast(checkpoints):
+    # The trainer runs the value model under bf16 autocast on GPU; the scalar head must not be rounded to bf16
+    # (≈ 3 significant digits), which the 1e-5 tolerance below would catch.
+    value = model.ValueModel.from_pretrained(checkpoints["llama"][0])
+    with torch.no_grad():
+        value.head.weight.normal_(generator=torch.Generator().manual_seed(2))
+        x = tokens(2, 9, seed=13)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            values = value(x)
+            hidden = value.backbone.hidden_states(x)
+    assert values.dtype == torch.float32
+    expected = (hidden.double() @ value.head.weight.double()[0]).float()
+    torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
+
 # -- saving is atomic --------------------------------------------------------------------------------------
 
 
