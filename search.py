@@ -192,7 +192,8 @@ def beam_search(prompts, expand, value, beam_width, max_steps=20):
     Each prompt starts with one empty beam; every beam samples beam_width continuations; each candidate is scored
     at its last token (a finished one at the token before EOS: the state whose action is EOS; the EOS position is
     never trained); finished candidates go to a pool; the beam_width best unfinished ones (earlier candidate
-    first on ties) are the next beams. After max_steps expansions, beams still open join the pool as they are.
+    first on ties) are the next beams. The answer is the highest-valued finished candidate; only if none
+    finished within max_steps expansions is it the best beam still open.
     Returns per prompt {"response": tokens, "value", "pool": [(value, tokens)], "tokens": tokens sampled}.
     """
     beams = [[(0.0, [])] for _ in prompts]       # per prompt: (value, response tokens)
@@ -214,8 +215,9 @@ def beam_search(prompts, expand, value, beam_width, max_steps=20):
         beams = [sorted(cands, key=lambda c: -c[0])[:beam_width] for cands in open_]
     results = []
     for pool, bs, n in zip(pools, beams, sampled):
-        best_value, best = max(pool + bs, key=lambda c: c[0])   # max() keeps the first of equal values
-        results.append({"response": best, "value": best_value, "pool": pool + bs, "tokens": n})
+        answers = pool or bs  # the answer is a finished candidate; open beams only when none finished
+        best_value, best = max(answers, key=lambda c: c[0])   # max() keeps the first of equal values
+        results.append({"response": best, "value": best_value, "pool": answers, "tokens": n})
     return results
 
 

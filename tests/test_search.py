@@ -175,6 +175,14 @@ def test_beam_search_stops_after_max_steps_and_keeps_open_beams():
     assert len(calls) == 2 and best["response"] == [1, 2] and best["value"] == 0.7
 
 
+
+def test_beam_search_answers_with_a_finished_candidate_over_a_higher_valued_open_beam():
+    # After max_steps the open beam [2, 3] (value 0.9) has no answer yet; the finished [1, 0] (0.5) must win.
+    tree = {(): [([1, 0], "eos"), ([2], "stop")], (2,): [([3], "stop"), ([4], "stop")]}
+    values = {(1,): 0.5, (2,): 0.1, (2, 3): 0.9, (2, 4): 0.2}
+    best, _ = scripted_search(tree, values, beam_width=2, max_steps=2)
+    assert best["response"] == [1, 0] and best["value"] == 0.5
+
 def test_value_beam_search_with_models_scores_the_state_before_eos():
     policy = tiny_model(seed=1, dtype=torch.float32)
     value_model = ValueModel(None, tiny_model(seed=2, dtype=torch.float32))
