@@ -174,8 +174,8 @@ def _step_starts(tokenizer, ids, delimiters):
 
 
 def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",)):
-    """Tokens, action mask and step starts of one trajectory. Prompt/response form: the response and the EOS
-    after it are actions. Agent form: only assistant turns and the token that ends each (<|im_end|> in ChatML,
+    """Tokens, action mask and step starts of one trajectory. Prompt/response form: the response and the token
+    that ends it are actions. Agent form: only assistant turns and the token that ends each (<|im_end|> in ChatML,
     else EOS) are actions; system, user and environment turns never are. An end token joins its turn's last step
     (or starts its own when the turn ends with a delimiter)."""
     segments = []  # (ids, is_action): an action segment is one turn, its end token included
@@ -193,8 +193,16 @@ def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",)):
                 segments.append((content + [tokenizer.eos_id] if act else content, act))
             segments.append((tokenizer.encode("\n"), False))
     else:
+        # The token that ends the response is an action too: <|im_end|> after a ChatML prompt, else EOS. A sample
+        # cut at the length limit (finish "length", as search.py collect writes it) never chose to stop: none.
+        if traj.get("finish") == "length":
+            end = []
+        elif tokenizer.chatml and "<|im_start|>" in traj["prompt"]:
+            end = [tokenizer.special_tokens["<|im_end|>"]]
+        else:
+            end = [tokenizer.eos_id]
         segments.append((tokenizer.encode(traj["prompt"], allow_special=True), False))
-        segments.append((tokenizer.encode(traj["response"]) + [tokenizer.eos_id], True))
+        segments.append((tokenizer.encode(traj["response"]) + end, True))
     ids, action, start = [], [], []
     for seg_ids, act in segments:
         ids += seg_ids

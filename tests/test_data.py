@@ -360,6 +360,23 @@ def test_agent_transcripts_mark_only_assistant_turns_as_actions(chat, llama_styl
     assert len(starts) == 3 and all(ex.mask[j] for j, s in enumerate(ex.step_start) if s)
 
 
+
+def test_the_response_end_token_is_eos_im_end_after_a_chatml_prompt_and_none_when_cut_at_the_length_limit():
+    byte_tok = data.Tokenizer.byte_level()
+    ex = data.encode_trajectory(byte_tok, {"prompt": "ab", "response": "cd", "reward": 1.0}, 100)
+    assert ex.ids == byte_tok.encode("abcd") + [byte_tok.eos_id] and ex.mask == [0, 1, 1, 1]
+    cut = data.encode_trajectory(byte_tok, {"prompt": "ab", "response": "cd", "reward": 0.0, "finish": "length"}, 100)
+    assert cut.ids == byte_tok.encode("abcd") and cut.mask == [0, 1, 1], "a length-cut sample never chose to stop"
+    # A base tokenizer whose EOS is <|endoftext|> but which knows ChatML (Qwen2.5's): after a ChatML prompt the
+    # policy stops with <|im_end|>, so that is the action trained.
+    specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+    qwen_like = data.Tokenizer({bytes([b]): b for b in range(256)}, data.GPT2_PATTERN, specials, "<|endoftext|>")
+    chat = data.encode_trajectory(qwen_like, {"prompt": "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n",
+                                              "response": "a", "reward": 1.0}, 100)
+    plain = data.encode_trajectory(qwen_like, {"prompt": "q", "response": "a", "reward": 1.0}, 100)
+    assert chat.ids[-1] == 258 and chat.mask[-2:] == [1, 1]
+    assert plain.ids[-1] == 256 and plain.mask == [1, 1]
+
 def test_truncation_is_flagged_and_a_prompt_without_room_is_an_error():
     tok = data.Tokenizer.byte_level()
     traj = {"prompt": "abc", "response": "defgh", "reward": 0.0}
