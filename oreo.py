@@ -37,6 +37,11 @@ def reverse_cumsum(x):
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
+def masked_mean(x, mask):
+    """mean_b ( Σ_j mask·x / Σ_j mask ): every sequence weighs the same, whatever its length."""
+    return ((mask * x).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
 def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step_start=None):
     """
     OREO's policy and value losses (DESIGN.md §1), without the KL term (the trainer adds it).
@@ -55,7 +60,6 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
         raise ValueError("variant 'step' needs step_start: (B, T) bool marking the first token of each step")
     mask = mask.to(logp.dtype)
     R = rewards.to(logp.dtype)[:, None]  # (B, 1)
-    n_actions = mask.sum(-1).clamp(min=1)  # (B,)
 
     # masked log-ratio lr[j] = mask·(logp − ref_logp), and acc[j] = Σ_{i≥j} lr[i]
     log_ratio = mask * (logp - ref_logp)
@@ -65,14 +69,14 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
 
     # Value loss: res_V[j] = β·acc[j] + V(s_j) − R; the log-probs are constants here.
     res_v = beta * acc_sg + values - R
-    value_loss = ((mask * res_v**2).sum(-1) / n_actions).mean()
+    value_loss = masked_mean(res_v**2, mask)
 
     if variant == "token":
         # Token-level policy loss: res_π[j] = β·(sg(acc[j+1]) + logp[j] − ref_logp[j]) + sg(V(s_j)) − R,
         # with acc[T] = 0. Only the current token's logp gets gradient, so every step is on the same scale.
         acc_next = F.pad(acc_sg[:, 1:], (0, 1))
         res_pi = beta * (acc_next + logp - ref_logp) + values_sg - R
-        policy_loss = ((mask * res_pi**2).sum(-1) / n_actions).mean()
+        policy_loss = masked_mean(res_pi**2, mask)
     elif variant == "step":
         # Step-level policy loss, at each step start t with next start n(t) (or the end, where acc = 0):
         # res_π[t] = β·(acc[t] − acc[n(t)] + sg(acc[n(t)])) + sg(V(s_t)) − R; gradient flows through the step's tokens.
@@ -85,7 +89,7 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
         acc_n = F.pad(acc, (0, 1)).gather(1, next_start)  # (B, T) acc[n(j)], 0 at the end
         res_pi = beta * (acc - acc_n + acc_n.detach()) + values_sg - R
         starts = starts.to(logp.dtype)
-        policy_loss = ((starts * res_pi**2).sum(-1) / starts.sum(-1).clamp(min=1)).mean()
+        policy_loss = masked_mean(res_pi**2, starts)
     else:
         # Response-level policy loss, one residual per sequence at its first action state s_0:
         # res_π = β·acc[s_0] + sg(V(s_0)) − R.
@@ -96,28 +100,28 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
     return policy_loss, value_loss
 
 
-def masked_mean(x, mask):
-    """mean_b ( Σ_j mask·x / Σ_j mask ): every sequence weighs the same, whatever its length."""
-    return ((mask * x).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-
-
-def token_logprobs(logits, input_ids):
+def token_logprobs(logits, input_ids, ref_logits=None):
     """
-    logp[b, j] = log π(x_{j+1} | x_{≤j}) from logits (B, L, V) → (B, L-1) float32.
+    logp[b, j] = log π(x_{j+1} | x_{≤j}) from logits (B, L, V) → (B, L-1) float32. With ref_logits, also the
+    per-token full-vocabulary KL[π_θ(·|s_j) ‖ π_ref(·|s_j)] (B, L-1), from the same pass over the logits; its
+    backward then writes the one combined gradient over the logits buffer, which nothing else reads afterwards.
     The last position has no next token: its label is ignore_index, so the (B·L, V) view needs no copy.
     """
     B, L, V = logits.shape
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, L)
-    logp = kernels.token_logprobs(logits.view(B * L, V), labels.reshape(-1), ignore_index=-100)
-    return logp.view(B, L)[:, :-1]
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)  # (B·L,)
+    if ref_logits is None:
+        return kernels.token_logprobs(logits.view(B * L, V), labels, ignore_index=-100).view(B, L)[:, :-1]
+    logp, kl = kernels.token_logprobs_and_kl(logits.view(B * L, V), ref_logits.view(B * L, V), labels,
+                                             ignore_index=-100, inplace_backward=True)
+    return logp.view(B, L)[:, :-1], kl.view(B, L)[:, :-1]
 
 
-def kl_term(kind, logits, ref_logits, logp, ref_logp, mask):
-    """The KL penalty of the policy loss, for the states whose action is trained."""
+def kl_term(kind, token_kl, logp, ref_logp, mask):
+    """The KL penalty of the policy loss, for the states whose action is trained. token_kl: (B, L-1) per-token
+    full-vocabulary KL from token_logprobs(..., ref_logits) (kind "full" only)."""
     if kind == "full":
         # KL = mean_b ( Σ_j mask · KL[π_θ(·|s_j) ‖ π_ref(·|s_j)] / Σ_j mask ), over the full vocabulary
-        B, L, V = logits.shape
-        kl = kernels.token_kl(logits.view(B * L, V), ref_logits.view(B * L, V)).view(B, L)[:, :-1]
+        kl = token_kl
     else:
         # k3 estimator on the data's token: exp(ref − logp) + (logp − ref) − 1 (≥ 0, no vocabulary pass;
         # unbiased only for tokens sampled from π, which offline data are not)
@@ -285,7 +289,7 @@ def load_examples(args, tokenizer):
         return data.encode_trajectory(tokenizer, t, args.max_len, delimiters)
 
     if args.loss == "dpo":
-        examples = [(encode(c), encode(r)) for c, r in data.dpo_pairs(trajectories)]
+        examples = [(encode(c), encode(r)) for c, r in data.dpo_pairs(trajectories, seed=args.seed)]
         truncated = sum(c.truncated or r.truncated for c, r in examples)
     else:
         examples = [encode(t) for t in trajectories]
@@ -311,6 +315,9 @@ def build_models(args, tokenizer, device):
         policy = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
     else:
         policy = Transformer(builtin_config(args, tokenizer.vocab_size)).to(device)
+    if args.max_len > policy.config.max_seq_len:
+        sys.exit(f"oreo.py: --max-len {args.max_len} is longer than the model's {policy.config.max_seq_len} "
+                 f"positions (max_position_embeddings / n_positions in {args.init}/config.json): lower --max-len")
     # The reference is frozen, so on a GPU it can live in bf16 (half the memory of the fp32 policy).
     ref_dtype = torch.bfloat16 if "cuda" in str(device) else torch.float32
     reference = value = None
@@ -367,8 +374,7 @@ def export(model, cls, folder, tokenizer, fsdp, master):
             model = cls(config)
         model.load_state_dict(state, assign=True)
     if master:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        model.save_pretrained(folder, tokenizer=tokenizer)
 
 
 # Options that change the result: a resumed run must use the same ones as the run that wrote the checkpoint.
@@ -422,11 +428,14 @@ def forward_backward(policy, reference, value, batch, args, autocast, scale):
     zero = torch.zeros((), device=input_ids.device)
     with autocast:
         logits = policy(input_ids)  # (B, L, V): the one policy forward of this micro-batch
-        logp = token_logprobs(logits, input_ids)  # (B, L-1) fp32
         if reference is not None:
             with torch.no_grad():
                 ref_logits = reference(input_ids)
                 ref_logp = token_logprobs(ref_logits, input_ids)
+        if args.loss == "oreo" and args.kl == "full":
+            logp, token_kl = token_logprobs(logits, input_ids, ref_logits)  # (B, L-1) fp32 each, one logits pass
+        else:
+            logp, token_kl = token_logprobs(logits, input_ids), None  # (B, L-1) fp32
     if args.loss == "oreo":
         # The value loss needs acc = Σ mask·(logp − ref_logp), so the reference runs before it. oreo_loss detaches
         # logp inside the value loss and the values inside the policy loss, so the two backward passes below touch
@@ -436,7 +445,7 @@ def forward_backward(policy, reference, value, batch, args, autocast, scale):
         policy_loss, value_loss = oreo_loss(logp, ref_logp, values, rewards, mask, args.beta, args.variant,
                                             batch["step_start"])
         (value_loss * scale).backward()
-        kl = kl_term(args.kl, logits, ref_logits, logp, ref_logp, mask) if args.kl != "none" else zero
+        kl = kl_term(args.kl, token_kl, logp, ref_logp, mask) if args.kl != "none" else zero
         ((policy_loss + args.alpha * kl) * scale).backward()
         return policy_loss.detach(), value_loss.detach(), kl.detach(), masked_mean(values.detach(), mask)
     if args.loss in ("sft", "rs"):
@@ -520,7 +529,7 @@ def main(argv=None):
     log_path = os.path.join(args.out, "log.jsonl")
     start_step, last_saved = 0, None
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # no full copy per rank
         changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != getattr(args, k)]
         if changed:
             sys.exit(f"oreo.py: --resume: {ckpt_path} was written with different " + ", ".join(

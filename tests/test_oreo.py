@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import oreo
+from tests.hf_models import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread per process: 1-process and 2-process runs then do the same arithmetic, and the 2 shared cores suffice.
@@ -107,18 +108,28 @@ def test_full_kl_term_equals_float64_full_vocabulary_kl_and_k3_its_formula(B, L,
     ref_logits = logits + torch.randn(B, L, V, generator=g)
     input_ids = torch.randint(0, V, (B, L), generator=g)
     mask = (torch.rand(B, L - 1, generator=g) < 0.7).float()
-    logp = oreo.token_logprobs(logits, input_ids)
+    ours_logits = logits.clone().requires_grad_(True)
+    logp, token_kl = oreo.token_logprobs(ours_logits, input_ids, ref_logits)
     ref_logp = oreo.token_logprobs(ref_logits, input_ids)
-    ours = oreo.kl_term("full", logits, ref_logits, logp, ref_logp, mask)
-    k3 = oreo.kl_term("k3", logits, ref_logits, logp, ref_logp, mask)
-    p, q = logits.double().log_softmax(-1)[:, :-1], ref_logits.double().log_softmax(-1)[:, :-1]
+    ours = oreo.kl_term("full", token_kl, logp, ref_logp, mask)
+    k3 = oreo.kl_term("k3", None, logp, ref_logp, mask)
+    logits64 = logits.double().requires_grad_(True)
+    p, q = logits64.log_softmax(-1)[:, :-1], ref_logits.double().log_softmax(-1)[:, :-1]
     kl = (p.exp() * (p - q)).sum(-1)  # (B, L-1)
+    logp64 = p.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logp.double(), logp64, rtol=1e-5, atol=1e-6)
     d = ref_logp.double() - logp.double()
     k3_ref = d.exp() - d - 1
     m = mask.double()
     for value, per_token in ((ours, kl), (k3, k3_ref)):
         expected = ((m * per_token).sum(-1) / m.sum(-1).clamp(min=1)).mean()
         assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    # The one fused pass must also give the gradient of a loss that uses both its outputs (logp and the KL).
+    weights = torch.randn(B, L - 1, generator=g, dtype=torch.float64)
+    (ours + (weights * logp).sum()).backward()
+    expected = ((m * kl).sum(-1) / m.sum(-1).clamp(min=1)).mean() + (weights * logp64).sum()
+    expected.backward()
+    torch.testing.assert_close(ours_logits.grad.double(), logits64.grad, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,3 +368,12 @@ def test_batch_not_divisible_by_micro_batch_is_rejected(traj_file, tmp_path):
         oreo.main(["--data", traj_file, *TINY, "--batch-size", "6", "--micro-batch-size", "4", "--out",
                    str(tmp_path)])
     assert "--batch-size 6" in str(e.value.code) and "--micro-batch-size 4" in str(e.value.code)
+
+
+def test_max_len_beyond_the_checkpoints_positions_is_refused_by_name(tmp_path):
+    # GPT-2's learned positions: 16 rows, so 32 tokens cannot fit
+    make_checkpoint(tmp_path / "gpt2", "gpt2", n_positions=16)
+    args = oreo.parse_args(["--init", str(tmp_path / "gpt2"), "--loss", "sft", "--max-len", "32"])
+    with pytest.raises(SystemExit) as e:
+        oreo.build_models(args, None, "cpu")
+    assert "--max-len 32" in str(e.value.code) and "16 positions" in str(e.value.code)
