@@ -131,12 +131,6 @@ def write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
-def append_jsonl(path, rows):
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Examples and batches (DESIGN.md §1: mask[j] = 1 iff ids[j+1] is an action; step_start[j] iff ids[j+1] starts one)
 
@@ -254,10 +248,6 @@ class Sampler:
             self._perm = (epoch, order)
         return self._perm[1]
 
-    @property
-    def epoch(self):
-        return self.step * self.global_batch // self.n
-
     def global_indices(self, step):
         positions = range(step * self.global_batch, (step + 1) * self.global_batch)  # in the stream of epochs
         return [self._order(p // self.n)[p % self.n] for p in positions]
@@ -353,6 +343,17 @@ def builtin_demonstration(problem, rng, p_misread=0.7):
     return "\n".join(lines) + f"\n#### {value}"
 
 
+def builtin_demonstrations(problems, seed, per_problem=1, p_misread=0.7):
+    """Graded imperfect demonstrations as trajectory rows: offline data with a 0/1 reward and no model."""
+    rng, demos = random.Random(f"demos:{seed}"), []
+    for problem in problems:
+        for _ in range(per_problem):
+            response = builtin_demonstration(problem, rng, p_misread)
+            demos.append({"id": problem["id"], "prompt": format_prompt(problem["question"], "plain"),
+                          "response": response, "reward": grade(response, problem["gold"]), "gold": problem["gold"]})
+    return demos
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Data utilities.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -371,12 +372,7 @@ def main(argv=None):
     problems = {s: builtin_problems(n, args.seed, s, args.n_steps) for s, n in splits.items()}
     for split, rows in problems.items():
         write_jsonl(os.path.join(args.out_dir, f"problems_{split}.jsonl"), rows)
-    rng, demos = random.Random(f"demos:{args.seed}"), []
-    for problem in problems["train"]:
-        for _ in range(args.demos_per_problem):
-            response = builtin_demonstration(problem, rng, args.p_misread)
-            demos.append({"id": problem["id"], "prompt": format_prompt(problem["question"], "plain"),
-                          "response": response, "reward": grade(response, problem["gold"]), "gold": problem["gold"]})
+    demos = builtin_demonstrations(problems["train"], args.seed, args.demos_per_problem, args.p_misread)
     write_jsonl(os.path.join(args.out_dir, "demos.jsonl"), demos)
     correct = sum(d["reward"] for d in demos) / len(demos)
     print(f"data.py: wrote {sum(splits.values())} problems and {len(demos)} demonstrations "

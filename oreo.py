@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -265,22 +264,14 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Data and models
 
-def builtin_trajectories(n, seed):
-    """The built-in task's imperfect demonstrations, graded: offline data with a 0/1 reward and no model."""
-    rng = random.Random(seed)
-    rows = []
-    for problem in data.builtin_problems(n, seed, "train"):
-        response = data.builtin_demonstration(problem, rng)
-        rows.append({"prompt": data.format_prompt(problem["question"], "plain"), "response": response,
-                     "reward": data.grade(response, problem["gold"])})
-    return rows
-
-
 def load_examples(args, tokenizer):
     """Encoded examples; for dpo, (chosen, rejected) pairs of examples."""
     source = args.data or "the built-in task"
-    trajectories = data.load_trajectories(args.data) if args.data else builtin_trajectories(args.builtin_problems,
-                                                                                            args.seed)
+    if args.data:
+        trajectories = data.load_trajectories(args.data)
+    else:
+        trajectories = data.builtin_demonstrations(data.builtin_problems(args.builtin_problems, args.seed, "train"),
+                                                   args.seed)
     if args.loss == "rs":
         trajectories = data.rejection_sampling(trajectories)
     delimiters = data.STEP_DELIMITERS[args.delimiters]

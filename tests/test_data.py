@@ -446,12 +446,11 @@ def test_empty_files_and_bad_problem_lines_fail_clearly(tmp_path):
         data.load_problems(path)
 
 
-def test_jsonl_write_append_load_round_trip(tmp_path):
+def test_jsonl_write_load_round_trip(tmp_path):
     rows = [{"prompt": "p", "response": "ré", "reward": 1.0, "id": "a"},
             {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], "reward": 0.0}]
     path = str(tmp_path / "t.jsonl")
-    data.write_jsonl(path, rows[:1])
-    data.append_jsonl(path, rows[1:])
+    data.write_jsonl(path, rows)
     assert data.load_trajectories(path) == rows
 
 
