@@ -123,12 +123,17 @@ def load_trajectories(path):
     return trajectories
 
 
+def write_text(path, text):
+    """Write a file atomically: a temporary file next to it, then a rename, so a partial file never replaces a
+    good one and a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_jsonl(path, rows):
-    """Write rows atomically (a partial file never replaces a good one)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -378,9 +378,7 @@ def merge_outputs(out, problems, k):
             if len(rows) == k and pid not in groups:
                 groups[pid] = rows
     rows = [row for p in problems if p["id"] in groups for row in groups[p["id"]]]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out)
+    data.write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     for path in parts:
         path.unlink()
     return set(groups)
@@ -545,9 +543,7 @@ def evaluate(args):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report = {"policy": args.policy, "value": args.value, "problems": args.problems, "summary": summary,
                   "choice": choice, "per_problem": per_problem}
-        tmp = Path(str(args.out) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, args.out)
+        data.write_text(args.out, json.dumps(report, indent=1))
         print(f"eval: per-problem results in {args.out}")
     return summary, choice
 
