@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# OREO end to end. Two parts:
+# OREO end to end. Three modes:
 #
-#   bash train.sh            the built-in task on a CPU, in minutes: data → SFT → collect → OREO / RS / DPO → eval
-#   bash train.sh real       the commands for a real run (print only; edit the paths, then run them yourself)
+#   bash train.sh [--out DIR] [--seed S] [--rounds N]
+#                       the built-in task on a CPU in minutes, under one folder (default out/demo): data → SFT →
+#                       collect → RS / DPO / OREO-token / OREO-step → test evaluation → table (JSON, SVG).
+#                       Re-running skips finished stages and resumes an interrupted one.
+#   bash train.sh sweep [--out DIR] [--seed S]
+#                       the learning-rate sweep behind the defaults below: every method, the same 3 learning rates,
+#                       greedy accuracy on the VALIDATION problems (the test problems choose nothing).
+#   bash train.sh real  the commands for a real run (print only; edit the paths, then run them yourself)
 #
-# Every oreo.py run writes OUT/ckpt.pt (resume with --resume, also on another number of processes),
-# OUT/log.jsonl (one JSON row per step), and at the end OUT/policy and OUT/value (Hugging Face folders that
-# search.py and transformers load).
+# Every oreo.py run writes DIR/<run>/ckpt.pt, log.jsonl (one JSON row per step), and at the end policy/ and value/
+# (Hugging Face folders that search.py and transformers load). Logs of every stage: DIR/logs/<stage>.log.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ "${1:-builtin}" = "real" ]; then
+MODE=builtin
+case "${1:-}" in real|sweep) MODE=$1; shift ;; esac
+
+if [ "$MODE" = real ]; then
 cat <<'EOF'
 # ---- A real run: Qwen2.5-Math-1.5B (SFT'd) on GSM8K/MATH-style trajectories, the paper's settings -------------
 # β 0.03, α 0.01 (token level), lr 5e-6 for both models, AdamW (0.9, 0.95), cosine with 3% warm-up, global batch
@@ -51,41 +59,161 @@ EOF
 exit 0
 fi
 
-# ---- The built-in task (DESIGN.md §5): "7 +6 -6 +4 -1 +5 *8" → one step per line, "#### n" ----------------------
-# Tiny Llama-family model (≈0.47M parameters), byte tokenizer, everything on the CPU. The demonstrator misreads '*'
-# as '+' with probability 0.7 and its lines show the operator it used, so a value model can check the steps.
-OUT=${OUT:-out/builtin}
+# ---- Settings (environment variables; the flags below override three of them) --------------------------------
+OUT=${OUT:-out/demo}
 SEED=${SEED:-0}
-STEPS=${STEPS:-200}                  # optimizer steps of each offline method
-# On a CPU shared with other busy jobs, OMP_NUM_THREADS=1 can be several times faster than the default.
-
-# 1. Problems (train/val/test) and imperfect demonstrations.
-python data.py builtin $OUT/data --seed $SEED --demos-per-problem 4
-
-# 2. SFT from scratch on all demonstrations (the reference policy of everything after).
-python oreo.py --loss sft --data $OUT/data/demos.jsonl --epochs 16 --lr 1e-3 --seed $SEED --out $OUT/sft
-
-# 3. Offline data: 4 graded samples per training problem from the SFT policy.
-python search.py collect --policy $OUT/sft/policy --problems $OUT/data/problems_train.jsonl -k 4 \
-    --max-new-tokens 64 --seed $SEED --out $OUT/data/samples.jsonl
-
-# 4. OREO and the baselines on the same samples, the same budget (tune each on problems_val.jsonl).
-python oreo.py --init $OUT/sft/policy --data $OUT/data/samples.jsonl --max-steps $STEPS --lr 3e-4 --value-lr 1e-3 \
-    --batch-size 32 --micro-batch-size 32 --seed $SEED --out $OUT/oreo
-python oreo.py --init $OUT/sft/policy --data $OUT/data/samples.jsonl --max-steps $STEPS --loss rs --lr 5e-5 \
-    --batch-size 32 --micro-batch-size 32 --seed $SEED --out $OUT/rs
-python oreo.py --init $OUT/sft/policy --data $OUT/data/samples.jsonl --max-steps $STEPS --loss dpo --lr 5e-5 \
-    --batch-size 32 --micro-batch-size 32 --seed $SEED --out $OUT/dpo
-
-# 5. Test accuracy: greedy for every policy; beam search guided by OREO's value, with OREO's and with the SFT
-#    policy (the second isolates what the value adds).
-for run in sft rs dpo oreo; do
-    echo "== $run"
-    python search.py eval --policy $OUT/$run/policy --problems $OUT/data/problems_test.jsonl --methods greedy \
-        --max-new-tokens 64
+ROUNDS=${ROUNDS:-1}                  # iterative OREO: rounds of collect-with-the-new-policy, then retrain
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) OUT=$2; shift 2 ;;
+        --seed) SEED=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
+        *) echo "train.sh: unknown argument '$1' (use real, sweep, --out DIR, --seed S, --rounds N)" >&2; exit 2 ;;
+    esac
 done
-for policy in oreo sft; do
-    echo "== beam search: $policy policy, OREO value"
-    python search.py eval --policy $OUT/$policy/policy --value $OUT/oreo/value \
-        --problems $OUT/data/problems_test.jsonl --methods beam3 --max-new-tokens 64
+N_TRAIN=${N_TRAIN:-400} N_VAL=${N_VAL:-200} N_TEST=${N_TEST:-1000}   # problems per split
+N_OPS=${N_OPS:-6}                    # operations (solution steps) per problem
+DEMOS=${DEMOS:-4}                    # imperfect demonstrations per training problem (SFT data)
+SFT_EPOCHS=${SFT_EPOCHS:-16}
+K=${K:-4}                            # graded samples per training problem: the offline data of every method
+STEPS=${STEPS:-200}                  # optimizer steps of each offline method, batch 32 sequences (pairs for DPO)
+BATCH=${BATCH:-32}
+BEAMS=${BEAMS:-3,5}                  # beam widths of the value-guided beam search with OREO's policy
+SFT_BEAMS=${SFT_BEAMS:-3}            # ... and with the SFT policy
+BEAM_PROBLEMS=${BEAM_PROBLEMS:-500}  # the first test problems that beam search runs on
+MODEL=${MODEL:-"--n-layer 4 --d-model 96 --n-head 4"}
+# Learning rates: the best of {3e-5, 1e-4, 3e-4} on the validation problems (bash train.sh sweep; README table).
+LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-1e-4} LR_OREO=${LR_OREO:-3e-4} LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
+VALUE_LR=${VALUE_LR:-1e-3}           # OREO's value model (both variants)
+SWEEP_LRS=${SWEEP_LRS:-"3e-5 1e-4 3e-4"}
+# Two processes at a time with one thread each: on 2 shared cores this beats one process with two threads.
+PARALLEL=${PARALLEL:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+SFT_THREADS=${SFT_THREADS:-2}        # SFT runs alone: there two threads are faster
+
+D=$OUT/data
+TRAIN=(--batch-size $BATCH --micro-batch-size $BATCH --max-steps $STEPS --seed $SEED --save-every 50 --resume)
+EVAL=(--max-new-tokens 64 --seed $SEED --batch-size 256)
+mkdir -p "$OUT/logs" "$OUT/.done" "$OUT/eval"
+
+# ---- Stages: each one a function; a stage that finished (OUT/.done/NAME) is skipped on a re-run -----------------
+stage_data() { python data.py builtin $D --seed $SEED --n-train $N_TRAIN --n-val $N_VAL --n-test $N_TEST \
+                   --n-steps $N_OPS --demos-per-problem $DEMOS; }
+stage_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --data $D/demos.jsonl --epochs $SFT_EPOCHS --lr 1e-3 $MODEL \
+                  --batch-size $BATCH --micro-batch-size $BATCH --seed $SEED --save-every 200 --resume --out $OUT/sft; }
+# round r's offline data: K graded samples per training problem from the SFT policy (r = 1) or OREO round r-1
+collect() { python search.py collect --policy $1 --problems $D/problems_train.jsonl -k $K --max-new-tokens 64 \
+                --seed $((SEED + 1000 * ($2 - 1))) --out $D/samples_r$2.jsonl; }
+stage_collect() { collect $OUT/sft/policy 1; }
+train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/samples_r1.jsonl "${TRAIN[@]}" \
+              --out $OUT/$name "$@"; }
+stage_rs() { train rs --loss rs --lr $LR_RS; }
+stage_dpo() { train dpo --loss dpo --lr $LR_DPO; }
+stage_oreo() { train oreo --lr $LR_OREO --value-lr $VALUE_LR; }
+stage_oreo_step() { train oreo_step --variant step --lr $LR_OREO_STEP --value-lr $VALUE_LR; }
+evaluate() { local name=$1; shift; python search.py eval --problems $D/problems_test.jsonl "${EVAL[@]}" "$@" \
+                 --out $OUT/eval/$name.json; }
+stage_eval_sft() { evaluate sft --policy $OUT/sft/policy --methods greedy,sample; }
+stage_eval_rs() { evaluate rs --policy $OUT/rs/policy --methods greedy; }
+stage_eval_dpo() { evaluate dpo --policy $OUT/dpo/policy --methods greedy; }
+stage_eval_oreo() { evaluate oreo --policy $OUT/oreo/policy --methods greedy; }
+stage_eval_oreo_step() { evaluate oreo_step --policy $OUT/oreo_step/policy --methods greedy; }
+# Beam search costs ~B² samples per step, so it runs on the first BEAM_PROBLEMS test problems (the table also
+# counts greedy on exactly those). The SFT policy searched with OREO's value isolates what the value adds.
+beam() { echo "$1" | sed 's/^/beam/; s/,/,beam/g'; }   # "3,5" -> "beam3,beam5"
+stage_beam_oreo() { evaluate beam_oreo --policy $OUT/oreo/policy --value $OUT/oreo/value --methods $(beam $BEAMS) \
+                        --limit $BEAM_PROBLEMS; }
+stage_beam_sft() { evaluate beam_sft --policy $OUT/sft/policy --value $OUT/oreo/value --methods $(beam $SFT_BEAMS) \
+                       --limit $BEAM_PROBLEMS; }
+# how well the value tells right from wrong: choose 1 of K SFT samples by the value, against chance and the best
+stage_choice() { evaluate choice --policy $OUT/sft/policy --value $OUT/oreo/value --methods bestof$K; }
+# iterative OREO, round r ≥ 2: collect with round r-1's policy, continue training from its policy and value
+prev() { if [ $1 -eq 2 ]; then echo $OUT/oreo; else echo $OUT/oreo_r$(($1 - 1)); fi; }
+stage_collect_r() { collect $(prev $1)/policy $1; }
+stage_oreo_r() { python oreo.py --init $(prev $1)/policy --init-value $(prev $1)/value \
+                     --data $D/samples_r$1.jsonl "${TRAIN[@]}" --lr $LR_OREO --value-lr $VALUE_LR --out $OUT/oreo_r$1; }
+stage_eval_oreo_r() { evaluate oreo_r$1 --policy $OUT/oreo_r$1/policy --methods greedy; }
+# sweep: one run per (method, learning rate), greedy accuracy on the validation problems
+stage_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
+    case $method in rs|dpo) flags+=(--loss $method) ;; oreo) flags+=(--value-lr $VALUE_LR) ;;
+                    oreo_step) flags+=(--variant step --value-lr $VALUE_LR) ;; esac
+    train $name "${flags[@]}"
+    python search.py eval --problems $D/problems_val.jsonl "${EVAL[@]}" --policy $OUT/$name/policy \
+        --methods greedy --out $OUT/$name.json; }
+
+# ---- A small scheduler: PARALLEL stages at a time, each once its dependencies are done ----------------------
+set -m
+T0=$(date +%s)
+declare -A DEPS PIDS STARTED
+ORDER=() RUNNING=0
+job() { ORDER+=("$1"); DEPS[$1]="${*:2}"; }   # job NAME [DEPENDENCY ...]; NAME "oreo_r 2" runs stage_oreo_r 2
+done_file() { echo "$OUT/.done/${1// /_}"; }
+n_done() { local name n=0; for name in "${ORDER[@]}"; do [ -e "$(done_file "$name")" ] && n=$((n + 1)); done; echo $n; }
+elapsed() { local s=$(($(date +%s) - T0)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+# terminal: every line of a stage, except its training steps only every 25th (the full log is in OUT/logs)
+show() { awk -v tag="[$1]" '$1 == "step" { split($2, n, "/"); if (n[1] % 25 && n[1] != n[2]) next }
+                             { print tag, $0; fflush() }'; }
+start() {
+    local log=$OUT/logs/${1// /_}.log
+    echo "== $(elapsed) start $1 (log $log)"
+    ( set -o pipefail; stage_$1 2>&1 | tee "$log" | show "$1" && touch "$(done_file "$1")" ) &
+    PIDS[$1]=$!; STARTED[$1]=$(date +%s); RUNNING=$((RUNNING + 1))
+}
+run_all() {
+    local name dep ready count
+    # each stage runs in its own process group (set -m), so an interrupted train.sh stops all of its processes
+    trap 'for pid in ${PIDS[*]:-}; do kill -- -$pid 2>/dev/null; done' EXIT
+    while true; do
+        for name in "${!PIDS[@]}"; do
+            if ! kill -0 ${PIDS[$name]} 2>/dev/null; then
+                wait ${PIDS[$name]} || { echo "train.sh: stage '$name' failed; see $OUT/logs/${name// /_}.log" >&2
+                                         exit 1; }
+                unset "PIDS[$name]"; RUNNING=$((RUNNING - 1))
+                echo "== $(elapsed) done $name in $(($(date +%s) - STARTED[$name])) s | $(n_done)/${#ORDER[@]} stages"
+            fi
+        done
+        count=$(n_done)
+        [ $count -eq ${#ORDER[@]} ] && break
+        for name in "${ORDER[@]}"; do
+            [ $RUNNING -ge $PARALLEL ] && break
+            [ -e "$(done_file "$name")" ] || [ -n "${PIDS[$name]:-}" ] && continue
+            ready=1
+            for dep in ${DEPS[$name]}; do [ -e "$(done_file "${dep//:/ }")" ] || ready=0; done
+            [ $ready = 1 ] && start "$name"
+        done
+        sleep 0.5
+    done
+    trap - EXIT
+}
+
+job data
+job sft data
+job collect sft
+if [ "$MODE" = sweep ]; then
+    for lr in $SWEEP_LRS; do for method in oreo oreo_step dpo rs; do job "sweep $method $lr" collect; done; done
+    run_all
+    python report.py sweep $OUT
+    exit 0
+fi
+# longest first (beam search), while the short stages fill the other slot
+job oreo collect
+job beam_oreo oreo
+job beam_sft oreo
+job oreo_step collect
+job dpo collect
+job rs collect
+job eval_sft sft
+job eval_oreo oreo
+job choice oreo
+job eval_oreo_step oreo_step
+job eval_dpo dpo
+job eval_rs rs
+for r in $(seq 2 $ROUNDS); do
+    job "collect_r $r" $([ $r -eq 2 ] && echo oreo || echo "oreo_r:$((r - 1))")
+    job "oreo_r $r" "collect_r:$r"
+    job "eval_oreo_r $r" "oreo_r:$r"
 done
+echo "== train.sh: the built-in task, seed $SEED, $ROUNDS round(s), $PARALLEL stages at a time, output in $OUT"
+run_all
+python report.py $OUT
+echo "== $(elapsed) all done: $OUT/results.json, $OUT/results.svg"
