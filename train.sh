@@ -83,7 +83,7 @@ SFT_BEAMS=${SFT_BEAMS:-3}            # ... and with the SFT policy
 BEAM_PROBLEMS=${BEAM_PROBLEMS:-500}  # the first test problems that beam search runs on
 MODEL=${MODEL:-"--n-layer 4 --d-model 96 --n-head 4"}
 # Learning rates: the best of {3e-5, 1e-4, 3e-4} on the validation problems (bash train.sh sweep; README table).
-LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-1e-4} LR_OREO=${LR_OREO:-3e-4} LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
+LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-3e-5} LR_OREO=${LR_OREO:-3e-4} LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
 VALUE_LR=${VALUE_LR:-1e-3}           # OREO's value model (both variants)
 SWEEP_LRS=${SWEEP_LRS:-"3e-5 1e-4 3e-4"}
 # Two processes at a time with one thread each: on 2 shared cores this beats one process with two threads.
