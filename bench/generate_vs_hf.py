@@ -13,44 +13,16 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model   # noqa: E402
 import search  # noqa: E402
+from model_vs_hf import PRESETS, build_models  # noqa: E402  (the same models, side by side)
 
 transformers.utils.logging.set_verbosity_error()
-
-PRESETS = {
-    # the size of tests/hf_models.py's models: per-token Python overhead is what is measured here
-    "tiny": dict(model_type="qwen2", vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                 tie_word_embeddings=False),
-    # a small model where the matmuls start to count, still quick on 2 CPU cores
-    "cpu-small": dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=704,
-                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True),
-    # Qwen2.5-1.5B / Qwen2.5-Math-1.5B dimensions (random weights)
-    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0),
-}
-
-
-def build_models(preset, dtype, device):
-    """The HF model with random weights, and ours loaded from its save_pretrained folder (the same weights)."""
-    config = transformers.AutoConfig.for_model(**PRESETS[preset])
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        ours = model.Transformer.from_pretrained(folder, dtype=dtype, device=device).eval()
-    return hf.to(device).eval(), ours
-
 
 def hf_generate(hf, input_ids, new_tokens, sample):
     kwargs = dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0) if sample else dict(do_sample=False)
@@ -105,6 +77,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     hf, ours = build_models(preset, dtype, args.device)
+    hf, ours = hf.eval(), ours.eval()
     decode_eager = ours.decode
     compiled = torch.compile(decode_eager, dynamic=False) if use_compile else None
     print(f"preset {preset}, {args.device}, {dtype}, prompt {prompt_len} + {new} new tokens per row, "

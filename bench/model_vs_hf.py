@@ -23,6 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 
 PRESETS = {
+    # the size of tests/hf_models.py's models: per-token Python overhead is what is measured here
+    "tiny": dict(model_type="qwen2", vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 tie_word_embeddings=False),
     # Small enough for a 2-core CPU run of under a minute.
     "cpu-small": dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=704,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
