@@ -7,6 +7,7 @@ rank = token id.
 import base64
 import json
 import os
+import re
 import shutil
 import unicodedata
 import warnings
@@ -87,18 +88,20 @@ class Tokenizer:
     """A tiktoken encoding plus the special-token ids a trainer needs (eos appended to responses, pad)."""
 
     def __init__(self, ranks, pattern, special_tokens, eos, pad=None, bos=None, add_bos=False, stop_ids=(),
-                 normalizer=None, pre_splits=(), name="tokenizer", source=None, files=()):
+                 normalizer=None, pre_splits=(), unk=None, fuse_unk=False, name="tokenizer", source=None, files=()):
         # ranks: {token bytes: id}; tiktoken merges the adjacent pair whose concatenation has the lowest id.
         # pattern: the one pre-tokenizer regex tiktoken applies. pre_splits: several regexes applied one after the
         # other (Hugging Face Split, behavior Isolated), which one tiktoken regex cannot express (DeepSeek).
-        missing = [b for b in range(256) if bytes([b]) not in ranks]
-        if missing:
-            raise ValueError(f"{name}: the vocabulary lacks {len(missing)} single-byte tokens (e.g. byte "
-                             f"{missing[0]:#04x}); tiktoken cannot encode text containing them. Train byte-level "
-                             "BPE with the full 256-byte initial alphabet.")
+        # unk, fuse_unk: the BPE model's unk token and whether a run of unknown bytes gives one unk (see _bpe).
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
         self.pattern, self.special_tokens, self.normalizer = pattern, dict(special_tokens), normalizer
-        self.pre_splits = [regex.compile(p) for p in pre_splits]
+        self.python_split = bool(pre_splits)  # tiktoken's pattern is then WHOLE_PIECE
+        self.splits = [regex.compile(p) for p in (pre_splits or [pattern])]
+        # Real vocabularies can lack single bytes (control bytes their training text never held); tiktoken panics
+        # on a byte it cannot encode, so text holding one is split and merged here instead (see _bpe).
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
+        self.missing_runs = re.compile(b"([" + b"".join(re.escape(bytes([b])) for b in self.missing) + b"]+)") \
+            if self.missing else None
         self.special_split = regex.compile("(" + "|".join(map(regex.escape, sorted(special_tokens, key=len)[::-1]))
                                            + ")") if special_tokens else None
         self.source, self.files = source, tuple(files)  # where it came from, for save_pretrained
@@ -109,6 +112,7 @@ class Tokenizer:
         self.add_bos = bool(add_bos and self.bos_id is not None)  # prepend BOS to every sequence (Llama-3, DeepSeek)
         self.stop_ids = sorted({self.eos_id, *stop_ids})  # every id that ends a response (e.g. Qwen: im_end, eot)
         self.chatml = "<|im_start|>" in special_tokens and "<|im_end|>" in special_tokens
+        self.unk_id, self.fuse_unk = (None if unk is None else self._id(unk, "unk")), bool(fuse_unk)
 
     def _id(self, token, what):
         if isinstance(token, int):
@@ -136,9 +140,9 @@ class Tokenizer:
         """Token ids. allow_special parses special-token strings (chat templates); model text never should."""
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
-        if not self.pre_splits:
+        if not self.python_split and not (self.missing and self._lacks_a_byte_of(text.encode())):
             return self.enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
-        # Several Split pre-tokenizers: special tokens first, then each split in turn, then BPE on each piece.
+        # In Python: special tokens first, then each split in turn, then BPE on each piece.
         parts = self.special_split.split(text) if allow_special and self.special_split else [text]
         ids = []
         for k, part in enumerate(parts):
@@ -146,9 +150,30 @@ class Tokenizer:
                 ids.append(self.special_tokens[part])
                 continue
             pieces = [part]
-            for split in self.pre_splits:
+            for split in self.splits:
                 pieces = [p for piece in pieces for p in _split_isolated(split, piece)]
-            ids += [i for piece in pieces for i in self.enc.encode_ordinary(piece)]
+            ids += [i for piece in pieces for i in self._bpe(piece.encode())]
+        return ids
+
+    def _lacks_a_byte_of(self, data):
+        return len(data.translate(None, self.missing)) < len(data)
+
+    def _bpe(self, data):
+        """The ids of one pre-tokenized piece. A byte the vocabulary lacks is handled as Hugging Face tokenizers
+        does: without an unk token it is dropped before merging (so its neighbours may merge, and decode will not
+        give it back); with one, each such byte becomes unk (a run of them one unk with fuse_unk) and the bytes
+        around it are merged on their own."""
+        if not (self.missing and self._lacks_a_byte_of(data)):
+            return self.enc._encode_single_piece(data)  # tiktoken's BPE of one piece, as encode runs it
+        if self.unk_id is None:
+            data = data.translate(None, self.missing)
+            return self.enc._encode_single_piece(data) if data else []
+        ids = []
+        for k, run in enumerate(self.missing_runs.split(data)):
+            if k % 2:  # a run of unknown bytes
+                ids += [self.unk_id] * (1 if self.fuse_unk else len(run))
+            elif run:
+                ids += self.enc._encode_single_piece(run)
         return ids
 
     def decode(self, ids):
@@ -172,10 +197,10 @@ class Tokenizer:
         config = _read_json(folder, "tokenizer_config.json")
         added = {int(i): _content(t) for i, t in config.get("added_tokens_decoder", {}).items()}
         add_bos = config.get("add_bos_token")
-        normalizer, pre_splits = None, ()
+        normalizer, pre_splits, unk = None, (), (None, False)
         if "tokenizer.json" in names:
             path = os.path.join(folder, "tokenizer.json")
-            ranks, patterns, file_added, normalizer, template_bos = _read_tokenizer_json(path)
+            ranks, patterns, file_added, normalizer, template_bos, unk = _read_tokenizer_json(path)
             added.update(file_added)
             if len(patterns) > 1:  # applied one after the other in Python; tiktoken gets whole pieces
                 pattern, pre_splits = WHOLE_PIECE, patterns
@@ -223,8 +248,8 @@ class Tokenizer:
         pad = _first(named["pad_token"], model_config.get("pad_token_id"))
         files = [n for n in names if n in TOKENIZER_FILES or n.endswith(".tiktoken")]
         return cls(ranks, pattern, special, eos=eos, pad=pad, bos=bos, add_bos=add_bos, stop_ids=eos_ids,
-                   normalizer=normalizer, pre_splits=pre_splits, name=os.path.basename(os.path.abspath(folder)),
-                   source=folder, files=files)
+                   normalizer=normalizer, pre_splits=pre_splits, unk=unk[0], fuse_unk=unk[1],
+                   name=os.path.basename(os.path.abspath(folder)), source=folder, files=files)
 
     def save_pretrained(self, folder):
         """Write tokenizer files into folder (a checkpoint) so that from_pretrained(folder) reads them back: the
@@ -241,6 +266,9 @@ class Tokenizer:
         if not self.files:  # built in memory: ranks as a vocabulary (ids are ranks, so no merges are needed)
             alphabet = byte_level_alphabet()
             vocab = {"".join(alphabet[b] for b in t): i for t, i in self.enc._mergeable_ranks.items()}
+            unk = self._name(self.unk_id)
+            if self.unk_id in self.special_tokens.values():
+                vocab[unk] = self.unk_id  # Hugging Face looks the unk token up in the model's vocabulary
             byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
             _write_json(os.path.join(folder, "tokenizer.json"), {
                 "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
@@ -250,8 +278,8 @@ class Tokenizer:
                     {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
                     byte_level]},
                 "decoder": byte_level,
-                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": self.fuse_unk, "byte_fallback": False,
                           "ignore_merges": False, "vocab": vocab, "merges": []}})
         elif any(n.endswith(".tiktoken") for n in self.files):  # a rank file holds neither regex nor specials
             config["tiktoken_pattern"] = self.pattern
@@ -279,7 +307,8 @@ def _write_json(path, obj):
 
 
 def _read_tokenizer_json(path):
-    """(ranks, [pre-tokenizer regexes], {id: added token}, unicode normalization or None, whether BOS is added)."""
+    """(ranks, [pre-tokenizer regexes], {id: added token}, unicode normalization or None, whether BOS is added,
+    (unk token id or None, fuse_unk))."""
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     model = spec.get("model") or {}
@@ -322,7 +351,11 @@ def _read_tokenizer_json(path):
     post = spec.get("post_processor") or {}
     adds_bos = any("SpecialToken" in (p.get("single") or [{}])[0]  # Llama-3's TemplateProcessing prepends BOS
                    for p in (post.get("processors", []) if post.get("type") == "Sequence" else [post]))
-    return ranks, patterns, added, (forms or [None])[0], adds_bos
+    unk = model.get("unk_token")
+    if unk is not None and unk not in model["vocab"]:
+        raise ValueError(f"{path}: the BPE model's unk_token {unk!r} is not in its vocabulary")
+    unk_id = None if unk is None else model["vocab"][unk]
+    return ranks, patterns, added, (forms or [None])[0], adds_bos, (unk_id, model.get("fuse_unk", False))
 
 
 def _check_merge_order(merges, ranks, path):
