@@ -183,6 +183,9 @@ def write_folder(folder):
                                                                              "pad_token_id")})):
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(obj, f, ensure_ascii=False)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by whoever runs the tests here
         os.rename(tmp, folder)
     except OSError:
         if not os.path.isdir(folder):  # a concurrent run that finished first is fine; anything else is not

