@@ -108,27 +108,41 @@ def _as_tuple(strings):
 def _sample_rows(model, tokenizer, cache, logits, sources, limits, sampling, generator, stop, delimiters, contexts):
     """Sample each output row r from cache row sources[r] (its next-token logits in logits) until it finishes;
     returns (new tokens per row, why each finished). Rows with limit 0 finish at once ("length"); the others are
-    forked from their sources, and every finished row leaves the batch (so none outgrows the cache)."""
-    device = logits.device
+    forked from their sources. A finished row stays in the batch (decoded in vain) until finished rows are half of
+    it or one would outgrow the cache: then they leave together, since every leaving copies the batch's cache.
+    Only the unfinished rows are sampled, so the random numbers drawn do not depend on when rows leave."""
+    device, size = logits.device, cache.k.shape[3]
     out = [[] for _ in sources]
     finish = ["length" if n == 0 else None for n in limits]
-    active = [r for r, f in enumerate(finish) if f is None]   # the output row of each row of the cache
-    if [sources[r] for r in active] != list(range(len(logits))):
-        rows = torch.tensor([sources[r] for r in active], dtype=torch.long, device=device)
+    in_batch = [r for r, f in enumerate(finish) if f is None]   # the output row of each row of the cache
+    if [sources[r] for r in in_batch] != list(range(len(logits))):
+        rows = torch.tensor([sources[r] for r in in_batch], dtype=torch.long, device=device)
         cache, logits = cache.select(rows), logits[rows]
-    while active:
-        next_ids = sample_next(logits, generator=generator, **sampling)            # (B_active,)
-        keep = []
-        for row, (r, token) in enumerate(zip(active, next_ids.tolist())):
+    written = cache.lengths.tolist()   # tokens in each cache row
+    live = list(range(len(in_batch)))  # the cache rows still sampling
+    while live:
+        rows = None if len(live) == len(in_batch) else torch.tensor(live, dtype=torch.long, device=device)
+        next_ids = sample_next(logits if rows is None else logits[rows], generator=generator, **sampling)
+        still = []
+        for i, token in zip(live, next_ids.tolist()):
+            r = in_batch[i]
             out[r].append(token)
             finish[r] = _check_stop(tokenizer, out[r], limits[r], stop, delimiters, contexts[r])
             if finish[r] is None:
-                keep.append(row)
-        if len(keep) < len(active):  # finished rows leave the batch
-            rows = torch.tensor(keep, dtype=torch.long, device=device)
-            active, next_ids, cache = [active[i] for i in keep], next_ids[rows], cache.select(rows)
-        if active:
-            logits = model.decode(next_ids, cache)
+                still.append(i)
+        if not still:
+            break
+        tokens = next_ids if rows is None else torch.zeros(len(in_batch), dtype=torch.long, device=device)
+        if rows is not None:
+            tokens[rows] = next_ids
+        if 2 * (len(in_batch) - len(still)) >= len(in_batch) or max(written) >= size:
+            rows = torch.tensor(still, dtype=torch.long, device=device)
+            cache, tokens = cache.select(rows), tokens[rows]
+            in_batch, written = [in_batch[i] for i in still], [written[i] for i in still]
+            still = list(range(len(still)))
+        live = still
+        logits = model.decode(tokens, cache)
+        written = [w + 1 for w in written]
     return out, finish
 
 
@@ -224,11 +238,27 @@ def last_token_values(value_model, seqs, batch_size=64):
 
 
 def _extend_rows(model, cache, new_tokens):
-    """model.extend with one token list per cache row (right padded); the hidden states or values (B, T)."""
+    """model.extend with one token list per cache row; the hidden states or values (B, T), T the longest list.
+    Padding every row to the longest can waste most of the work (a few long steps among many short ones), so the
+    rows are cut at the length that costs least: all rows append their first `cut` tokens in place, and the
+    longer ones the rest on a copy of their cache rows, copied back after (counted as ~4 tokens a row)."""
     device = cache.lengths.device
-    T = max(1, max(len(t) for t in new_tokens))
-    tokens = torch.tensor([t + [0] * (T - len(t)) for t in new_tokens], device=device)     # (B, T)
-    return model.extend(tokens, torch.tensor([len(t) for t in new_tokens], device=device), cache)
+    lengths = [len(t) for t in new_tokens]
+    T = max(1, max(lengths))
+    padded = lambda c: len(lengths) * c + sum(n - c + 4 for n in lengths if n > c)   # token slots computed
+    cut = min(sorted(set(lengths) - {0} | {T}), key=padded)
+    tokens = torch.tensor([t[:cut] + [0] * (cut - len(t[:cut])) for t in new_tokens], device=device)  # (B, cut)
+    out = model.extend(tokens, torch.tensor([min(n, cut) for n in lengths], device=device), cache)
+    if cut == T:
+        return out
+    longer = torch.tensor([i for i, n in enumerate(lengths) if n > cut], dtype=torch.long, device=device)
+    rest = cache.select(longer)
+    rest_out = _extend_rows(model, rest, [t[cut:] for t in new_tokens if len(t) > cut])
+    cache.k[:, longer], cache.v[:, longer], cache.lengths[longer] = rest.k, rest.v, rest.lengths
+    full = out.new_zeros((len(lengths), T, *out.shape[2:]))
+    full[:, :cut] = out
+    full[longer, cut:] = rest_out
+    return full
 
 
 @torch.no_grad()

@@ -250,7 +250,7 @@ class Cache:
 
     def select(self, rows):
         """A cache holding the given rows (B',) in that order, e.g. the beams kept by a search step."""
-        return Cache(self.k[:, rows], self.v[:, rows], self.lengths[rows])
+        return Cache(self.k.index_select(1, rows), self.v.index_select(1, rows), self.lengths[rows])  # copies
 
 
 def padding_mask(attention_mask):

@@ -164,6 +164,14 @@ def device_and_dtype(args):
     return device, dtype
 
 
+def compile_decode(model):
+    """torch.compile the model's one-token decode step, with dynamic shapes (rows leave the batch as they finish, so
+    every batch size would compile again otherwise). Pays on CPU for small models, where a decode step is
+    dominated by framework overhead; the first call compiles (tens of seconds)."""
+    model.decode = torch.compile(model.decode)
+    return model
+
+
 def need_folder(folder, flag):
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{flag} {folder}: no such folder (expected a checkpoint folder with config.json, "
@@ -281,6 +289,8 @@ def collect(args):
             torch.cuda.set_device(device)
     problems = read_problems(args.problems)
     policy, tokenizer = load_policy(args.policy, device, dtype)
+    if args.compile:
+        compile_decode(policy)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:   # fold in what an interrupted run left behind, dropping half-written problems
@@ -374,6 +384,8 @@ def evaluate(args):
     delimiters = parse_delimiters(args.delimiters)
     problems = read_problems(args.problems)[:args.limit or None]
     policy, tokenizer = load_policy(args.policy, device, dtype)
+    if args.compile:
+        compile_decode(policy)
     value_model = None
     if args.value:
         value_model = load_value(args.value, policy, tokenizer, args.policy, device, dtype)
@@ -456,6 +468,8 @@ def build_parser():
     g.add_argument("--stop", action="append", default=[], help="extra stop string ending a response, e.g. "
                    "'<|im_end|>' when the tokenizer's EOS is another token (repeatable)")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    g.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step (dynamic shapes); "
+                   "compiling takes 40-250 s on a CPU and was slower there at batch 100+ (README)")
     g.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("collect", parents=[common], help="K graded samples per problem -> trajectory JSONL",
