@@ -182,11 +182,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x, rope, mask, kv_cache=None, decode_pos=None):
+    def forward(self, x, rope, mask, kv_cache=None, write=None):
         """x (B, T, D); rope = (cos, sin) or None (GPT-2); mask None (causal) or bool (B, 1, T, S), True =
-        attend. With kv_cache = (k_buf, v_buf) each (B, n_kv_head, max_len, hd): prefill (decode_pos None)
-        writes positions 0..T-1; decode writes the single token of row b at decode_pos[b] and attends over
-        the whole buffer (mask hides what is not written yet)."""
+        attend. With kv_cache = (k_buf, v_buf) each (B, n_kv_head, max_len, hd): prefill (write None) writes
+        positions 0..T-1; decode and extend pass write = (rows, cols, positions), each (N,): new token
+        (rows[i], cols[i]) goes to position positions[i], and the queries attend over the whole buffer (mask
+        hides what is not written yet)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
                                      self.n_kv_head * self.head_dim], dim=-1)
@@ -200,11 +201,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k_buf, v_buf = kv_cache
-            if decode_pos is None:
+            if write is None:
                 k_buf[:, :, :T], v_buf[:, :, :T] = k, v
             else:
-                rows = torch.arange(B, device=x.device)
-                k_buf[rows, :, decode_pos], v_buf[rows, :, decode_pos] = k[:, :, 0], v[:, :, 0]
+                rows, cols, pos = write
+                k_buf[rows, :, pos], v_buf[rows, :, pos] = k[rows, :, cols], v[rows, :, cols]   # (N, nkv, hd)
                 k, v = k_buf, v_buf
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)   # (B, nh, T, hd)
@@ -232,8 +233,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = make_norm(config, config.d_model), Attention(config)
         self.mlp_norm, self.mlp = make_norm(config, config.d_model), MLP(config)
 
-    def forward(self, x, rope, mask, kv_cache=None, decode_pos=None):
-        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, decode_pos)
+    def forward(self, x, rope, mask, kv_cache=None, write=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, write)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -249,7 +250,7 @@ class Cache:
 
     def select(self, rows):
         """A cache holding the given rows (B',) in that order, e.g. the beams kept by a search step."""
-        return Cache(self.k[:, rows], self.v[:, rows], self.lengths[rows])
+        return Cache(self.k.index_select(1, rows), self.v.index_select(1, rows), self.lengths[rows])  # copies
 
 
 def padding_mask(attention_mask):
@@ -292,7 +293,7 @@ class Transformer(nn.Module):
         """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
         self.gradient_checkpointing = enabled
 
-    def _run(self, input_ids, positions, mask, cache=None, decode_pos=None):
+    def _run(self, input_ids, positions, mask, cache=None, write=None):
         """Final hidden states (B, T, D) for tokens at explicit positions (B, T)."""
         x = self.tok_emb(input_ids)                                            # (B, T, D)
         rope = None
@@ -305,7 +306,7 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, kv_cache, decode_pos)
+                x = block(x, rope, mask, kv_cache, write)
         return self.norm(x)
 
     def hidden_states(self, input_ids, attention_mask=None):
@@ -347,9 +348,26 @@ class Transformer(nn.Module):
         pos = cache.lengths.clone()                                            # (B,)
         S = cache.k.shape[3]
         mask = (torch.arange(S, device=pos.device) <= pos[:, None])[:, None, None, :]   # (B, 1, 1, S)
-        h = self._run(tokens[:, None], pos[:, None], mask, cache, decode_pos=pos)      # (B, 1, D)
+        rows = torch.arange(len(pos), device=pos.device)
+        h = self._run(tokens[:, None], pos[:, None], mask, cache, write=(rows, torch.zeros_like(rows), pos))
         cache.lengths += 1
-        return self.lm_head(h[:, 0])
+        return self.lm_head(h[:, 0])                                           # h (B, 1, D)
+
+    @torch.no_grad()
+    def extend(self, tokens, n_new, cache):
+        """Append the first n_new[b] ≥ 0 tokens of row b (tokens (B, T), right padded) at positions
+        cache.lengths[b] onward, each attending to the row's cache and to the new tokens before it: many tokens
+        in one forward instead of one decode each (on an empty cache it is a prefill). Returns the final hidden
+        states (B, T, D); those of the pads mean nothing."""
+        B, T = tokens.shape
+        S = cache.k.shape[3]
+        # a pad's position may pass the buffer's end: clamped, it only reads (nothing is written for a pad)
+        positions = (cache.lengths[:, None] + torch.arange(T, device=tokens.device)).clamp(max=S - 1)  # (B, T)
+        mask = (torch.arange(S, device=tokens.device) <= positions[..., None])[:, None]               # (B, 1, T, S)
+        rows, cols = (torch.arange(T, device=tokens.device) < n_new[:, None]).nonzero(as_tuple=True)
+        h = self._run(tokens, positions, mask, cache, write=(rows, cols, positions[rows, cols]))
+        cache.lengths += n_new
+        return h
 
     # -- Hugging Face checkpoints ----------------------------------------------------------------------------
 
@@ -596,9 +614,20 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         """Values (B, T) float32; the head runs in fp32 so bf16 values are not rounded to 3 digits."""
-        h = self.backbone.hidden_states(input_ids, attention_mask)            # (B, T, D)
+        return self._values(self.backbone.hidden_states(input_ids, attention_mask))
+
+    def _values(self, h):
         with torch.autocast(h.device.type, enabled=False):  # autocast would cast the fp32 head back to bf16
-            return F.linear(h.float(), self.head.weight.float()).squeeze(-1)
+            return F.linear(h.float(), self.head.weight.float()).squeeze(-1)   # (B, T, D) -> (B, T)
+
+    def new_cache(self, batch_size, max_len):
+        return self.backbone.new_cache(batch_size, max_len)
+
+    @torch.no_grad()
+    def extend(self, tokens, n_new, cache):
+        """Values (B, T) float32 of new tokens appended to the value model's own KV cache (Transformer.extend):
+        a search pays the value of a candidate's new tokens only, not of its whole prefix again."""
+        return self._values(self.backbone.extend(tokens, n_new, cache))
 
     def save_pretrained(self, folder, max_shard_size=5 * 2**30, tokenizer=None):
         with atomic_folder(folder) as tmp:

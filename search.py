@@ -3,10 +3,8 @@
     python search.py collect --policy sft/ --problems train.jsonl --out trajectories.jsonl -k 10
     python search.py eval --policy oreo/policy --value oreo/value --problems test.jsonl --methods greedy,beam5
 
-The engine: prompts of any lengths share one batch; prefill writes them into the model's KV cache, then one decode
-step per token. Each row stops on EOS, on a stop string (matched on the bytes of the tokens, so "\\n" is found also
-inside a token like ".\\n\\n", and ". " across two tokens) or at its token limit; finished rows leave the batch.
-`generate_naive` (a full forward per token) is kept beside it as the reference the tests compare with.
+The sampling engine and the KV caches that search keeps across expansions are in engine.py; this file holds the
+search itself (with the full-recompute versions the cached ones are tested against), loading, collect and eval.
 """
 import argparse
 import datetime
@@ -21,231 +19,119 @@ import torch
 import torch.distributed as dist
 
 import data
+from engine import (CachedBeams, cached_values, end_state, generate_with_finish, last_token_values,
+                    sample_batched)
+# re-exported, so that callers (agent.py, tests, users) find the whole engine as search.X
+from engine import generate, generate_naive, sample_next  # noqa: F401
 from model import Transformer, ValueModel
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling and generation
-
-
-def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """Next tokens (B,) from logits (B, V). temperature 0 = argmax; top_k 0 and top_p 1 switch those filters off."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already hold top_p of the mass (the first one always stays)
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    # argmax(p / E) with E ~ Exp(1) is a sample from p (the exponential race, as in gpt-fast); unlike
-    # torch.multinomial it never synchronises with the GPU. E is kept above 0 so a filtered token (p = 0) never
-    # becomes 0/0 = NaN, which argmax would pick.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-    return (probs / noise).argmax(-1)
-
-
-def _check_stop(tokenizer, tokens, limit, stop):
-    """Why a row with these new tokens is finished: "eos" (any of the tokenizer's stop ids, e.g. EOS or Qwen's
-    <|im_end|>), "stop" (a stop string ends in its last token), "length", or None. Stop strings are matched on
-    bytes, as data.py finds step delimiters for training. A stop string of n bytes ends within the last n tokens
-    (every token is at least one byte), and earlier positions were checked at earlier steps, so that tail is
-    enough."""
-    if tokenizer is not None and tokens and tokens[-1] in tokenizer.stop_ids:
-        return "eos"
-    if stop:
-        tail = b"".join(tokenizer.token_bytes(tokens[-max(len(s.encode()) for s in stop):]))
-        if any(s.encode() in tail for s in stop):
-            return "stop"
-    if len(tokens) >= limit:
-        return "length"
-    return None
-
-
-def _limits(model, prompts, max_new_tokens):
-    """Per-row new-token limits: max_new_tokens (an int or one per row), cut to the model's max_seq_len."""
-    if isinstance(max_new_tokens, int):
-        max_new_tokens = [max_new_tokens] * len(prompts)
-    limits = []
-    for i, (prompt, n) in enumerate(zip(prompts, max_new_tokens)):
-        if not prompt or len(prompt) > model.config.max_seq_len:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens; it needs 1 to max_seq_len = "
-                             f"{model.config.max_seq_len} tokens")
-        limits.append(max(0, min(n, model.config.max_seq_len - len(prompt))))
-    return limits
-
-
-@torch.no_grad()
-def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                         generator=None, stop=(), n_samples=1):
-    """New tokens per row (the EOS / stop id included when sampled) and why each row stopped ("eos" | "stop" |
-    "length"). There are n_samples rows per prompt, prompt-major (row r continues prompt r // n_samples): each
-    prompt is prefilled once and its cache rows copied. tokenizer None: no EOS, no stop strings (benchmarks)."""
-    device = model.lm_head.weight.device
-    limits = _limits(model, prompts, max_new_tokens)
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)   # one string is one stop string, not its characters
-    B, T = len(prompts), max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    input_ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right padded
-    cache = model.new_cache(B, max(len(p) + n for p, n in zip(prompts, limits)))
-    logits = model.prefill(input_ids, lengths, cache)                                # (B, V)
-    out = [[] for _ in range(B * n_samples)]
-    finish = ["length" if limits[r // n_samples] == 0 else None for r in range(B * n_samples)]
-    active = [r for r, f in enumerate(finish) if f is None]   # the output row of each row of the cache
-    if active != list(range(B)):
-        rows = torch.tensor([r // n_samples for r in active], dtype=torch.long, device=device)
-        cache, logits = cache.select(rows), logits[rows]
-    while active:
-        next_ids = sample_next(logits, temperature, top_p, top_k, generator)        # (B_active,)
-        keep = []
-        for row, (r, token) in enumerate(zip(active, next_ids.tolist())):
-            out[r].append(token)
-            finish[r] = _check_stop(tokenizer, out[r], limits[r // n_samples], stop)
-            if finish[r] is None:
-                keep.append(row)
-        if len(keep) < len(active):  # finished rows leave the batch (and so never outgrow the cache)
-            rows = torch.tensor(keep, dtype=torch.long, device=device)
-            active, next_ids, cache = [active[i] for i in keep], next_ids[rows], cache.select(rows)
-        if active:
-            logits = model.decode(next_ids, cache)
-    return out, finish
-
-
-@torch.no_grad()
-def generate_naive(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                   generator=None, stop=()):
-    """The reference for the engine above: no cache, the whole right-padded batch through the model per token.
-    Returns the same (tokens, finish) and draws the same random numbers."""
-    device = model.lm_head.weight.device
-    limits = _limits(model, prompts, max_new_tokens)
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    out = [[] for _ in prompts]
-    finish = ["length" if n == 0 else None for n in limits]
-    while any(f is None for f in finish):
-        active = [b for b, f in enumerate(finish) if f is None]
-        seqs = [prompts[b] + out[b] for b in active]
-        T = max(len(s) for s in seqs)
-        input_ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        logits = model(input_ids)[torch.arange(len(seqs), device=device), last]     # (B_active, V)
-        for b, token in zip(active, sample_next(logits, temperature, top_p, top_k, generator).tolist()):
-            out[b].append(token)
-            finish[b] = _check_stop(tokenizer, out[b], limits[b], stop)
-    return out, finish
-
-
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, generator=None,
-             stop=()):
-    """New tokens (list[list[int]]) for each prompt (list[list[int]]); EOS is the last token when sampled."""
-    return generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, generator,
-                                stop)[0]
-
-
-def sample_batched(model, tokenizer, prompts, max_new_tokens, batch_size, n_samples=1, **sampling):
-    """generate_with_finish over batches of about batch_size rows (longest prompts first, so that a batch holds
-    similar lengths); n_samples rows per prompt, prompt-major, in the order of prompts."""
-    limits = _limits(model, prompts, max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    per_batch = max(1, batch_size // n_samples)
-    out, finish = [None] * (len(prompts) * n_samples), [None] * (len(prompts) * n_samples)
-    for i in range(0, len(order), per_batch):
-        idx = order[i:i + per_batch]
-        tokens, why = generate_with_finish(model, tokenizer, [prompts[j] for j in idx], [limits[j] for j in idx],
-                                           n_samples=n_samples, **sampling)
-        for k, j in enumerate(idx):
-            out[j * n_samples:(j + 1) * n_samples] = tokens[k * n_samples:(k + 1) * n_samples]
-            finish[j * n_samples:(j + 1) * n_samples] = why[k * n_samples:(k + 1) * n_samples]
-    return out, finish
-
-
-@torch.no_grad()
-def last_token_values(value_model, seqs, batch_size=64):
-    """V(s) at the last token of each sequence (list[list[int]]) -> list[float]; batches of similar lengths."""
-    device = value_model.head.weight.device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    values = [0.0] * len(seqs)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        T = len(seqs[idx[0]])
-        input_ids = torch.tensor([seqs[j] + [0] * (T - len(seqs[j])) for j in idx], device=device)  # (B, T)
-        last = torch.tensor([len(seqs[j]) - 1 for j in idx], device=device)
-        v = value_model(input_ids)[torch.arange(len(idx), device=device), last]    # right padding needs no mask
-        for j, x in zip(idx, v.tolist()):
-            values[j] = x
-    return values
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Value-guided step-level beam search and best-of-K (DESIGN §1, "Test-time search")
 
 
-def beam_search(prompts, expand, value, beam_width, max_steps=20):
+def beam_search(prompts, expand, beam_width, max_steps=20):
     """Value-guided step-level beam search, for many prompts at once.
 
-    expand(pairs) -> for each (prompt, response) pair, beam_width sampled continuations [(new_tokens, finish)] up
-    to the next step delimiter; finish is "stop" at a delimiter, "eos" or "length" when the answer is complete.
-    value(seqs) -> [float]: the value at the last token of each token sequence.
-    Each prompt starts with one empty beam; every beam samples beam_width continuations; each candidate is scored
-    at its last token (a finished one at the token before EOS: the state whose action is EOS; the EOS position is
-    never trained); finished candidates go to a pool; the beam_width best unfinished ones (earlier candidate
-    first on ties) are the next beams. The answer is the highest-valued finished candidate; only if none
-    finished within max_steps expansions is it the best beam still open.
-    Returns per prompt {"response": tokens, "value", "pool": [(value, tokens)], "tokens": tokens sampled}.
+    expand(parents) -> for each parent (prompt index, response tokens, id), beam_width sampled continuations
+    [(new_tokens, finish, value)] up to the next step delimiter: finish is "step" at a delimiter, "eos", "stop"
+    (a stop string) or "length" when the answer is complete; value is V at the state whose action ends the
+    candidate (engine.end_state). id is the parent's index among the candidates the previous call returned (None
+    at the first call), so that an expander can keep their caches.
+    Each prompt starts with one empty beam; every beam samples beam_width continuations; finished candidates go to
+    a pool; the beam_width best unfinished ones (earlier candidate first on ties) are the next beams. The answer is
+    the highest-valued finished candidate; only if none finished within max_steps expansions is it the best beam
+    still open. Returns per prompt {"response": tokens, "value", "pool": [(value, tokens)], "tokens": tokens
+    sampled}.
     """
-    beams = [[(0.0, [])] for _ in prompts]       # per prompt: (value, response tokens)
+    beams = [[(0.0, [], None)] for _ in prompts]       # per prompt: (value, response tokens, candidate id)
     pools = [[] for _ in prompts]
     sampled = [0] * len(prompts)
     for _ in range(max_steps):
-        parents = [(i, resp) for i, bs in enumerate(beams) for _, resp in bs]
+        parents = [(i, resp, c) for i, bs in enumerate(beams) for _, resp, c in bs]
         if not parents:
             break
-        steps = expand([(prompts[i], resp) for i, resp in parents])
-        candidates = [(i, resp + new, why) for (i, resp), conts in zip(parents, steps) for new, why in conts]
-        values = value([prompts[i] + (resp[:-1] if why == "eos" else resp) for i, resp, why in candidates])
         open_ = [[] for _ in prompts]
-        for (i, resp, why), v in zip(candidates, values):
-            (open_ if why == "stop" else pools)[i].append((v, resp))
-        for (i, _), conts in zip(parents, steps):
-            sampled[i] += sum(len(new) for new, _ in conts)
+        c = 0
+        for (i, resp, _), conts in zip(parents, expand(parents)):
+            for new, why, v in conts:
+                (open_[i].append((v, resp + new, c)) if why == "step" else pools[i].append((v, resp + new)))
+                sampled[i] += len(new)
+                c += 1
         # sorted() is stable: among equal values the earlier candidate (earlier beam, earlier sample) wins
-        beams = [sorted(cands, key=lambda c: -c[0])[:beam_width] for cands in open_]
+        beams = [sorted(cands, key=lambda cand: -cand[0])[:beam_width] for cands in open_]
     results = []
     for pool, bs, n in zip(pools, beams, sampled):
-        answers = pool or bs  # the answer is a finished candidate; open beams only when none finished
-        best_value, best = max(answers, key=lambda c: c[0])   # max() keeps the first of equal values
+        answers = pool or [(v, resp) for v, resp, _ in bs]  # open beams only when none finished
+        best_value, best = max(answers, key=lambda a: a[0])   # max() keeps the first of equal values
         results.append({"response": best, "value": best_value, "pool": answers, "tokens": n})
     return results
 
 
+def recompute_expander(policy, tokenizer, value_fn, prompts, beam_width, delimiters, stop, max_new_tokens, sampling,
+                       generator):
+    """The reference expand() for beam_search: every expansion reads each beam's whole prefix again (one
+    generate_with_finish over all beams) and value_fn (values at the last tokens) reads each candidate's whole
+    sequence. engine.CachedBeams gives the same candidates and values for a fraction of the work."""
+    def expand(parents):
+        seqs = [prompts[i] + resp for i, resp, _ in parents]
+        tokens, finish = generate_with_finish(policy, tokenizer, seqs, [max_new_tokens - len(r) for _, r, _ in parents],
+                                              generator=generator, stop=stop, n_samples=beam_width,
+                                              delimiters=delimiters, contexts=[r for _, r, _ in parents], **sampling)
+        owners = [parents[j // beam_width] for j in range(len(tokens))]
+        states = [end_state(tokenizer, r + t, f, stop) for (_, r, _), t, f in zip(owners, tokens, finish)]
+        values = value_fn([prompts[i] + (r + t)[:m] for (i, r, _), t, m in zip(owners, tokens, states)])
+        return [list(zip(*(x[j:j + beam_width] for x in (tokens, finish, values))))
+                for j in range(0, len(tokens), beam_width)]
+    return expand
+
+
+def as_value_fn(value, batch_size):
+    """A value given as a ValueModel or as value_fn(seqs) -> values at the last tokens: the latter."""
+    return (lambda seqs: last_token_values(value, seqs, batch_size)) if isinstance(value, ValueModel) else value
+
+
 def value_beam_search(policy, tokenizer, value_fn, prompts, beam_width, delimiters, max_new_tokens,
-                      temperature=1.0, top_p=1.0, top_k=0, generator=None, batch_size=64, max_steps=20):
-    """beam_search with steps sampled from the policy up to a delimiter; a response holds at most max_new_tokens.
-    value_fn(seqs) -> values at the last token, e.g. partial(last_token_values, value_model); the policy and the
-    value may come from different runs (an SFT policy guided by an OREO value isolates what the value adds)."""
-    def expand(pairs):
-        tokens, finish = sample_batched(policy, tokenizer, [p + r for p, r in pairs],
-                                        [max_new_tokens - len(r) for _, r in pairs], batch_size,
-                                        n_samples=beam_width, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        generator=generator, stop=delimiters)
-        return [list(zip(tokens[i:i + beam_width], finish[i:i + beam_width]))
-                for i in range(0, len(tokens), beam_width)]
-    return beam_search(prompts, expand, value_fn, beam_width, max_steps)
+                      temperature=1.0, top_p=1.0, top_k=0, generator=None, batch_size=64, max_steps=20, stop=(),
+                      cached=True):
+    """beam_search with steps sampled from the policy up to a delimiter; a response holds at most max_new_tokens
+    and ends at EOS or at one of the stop strings, as a sampled answer does. value_fn: a ValueModel, or any
+    value_fn(seqs) -> values at the last tokens (e.g. partial(last_token_values, value_model)); the policy and the
+    value may come from different runs (an SFT policy guided by an OREO value isolates what the value adds).
+    cached (default): engine.CachedBeams keeps the policy's (and a ValueModel's) KV caches across expansions;
+    False: the full-recompute reference. Both give the same results with the same generator. Prompts are searched
+    batch_size // beam_width² at a time, so that an expansion's candidates fit in one batch."""
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    per_group = max(1, batch_size // beam_width ** 2)
+    results = []
+    for i in range(0, len(prompts), per_group):
+        group = prompts[i:i + per_group]
+        if cached:
+            expand = CachedBeams(policy, tokenizer, value_fn, group, beam_width, delimiters, stop, max_new_tokens,
+                                 sampling, generator)
+        else:
+            expand = recompute_expander(policy, tokenizer, as_value_fn(value_fn, batch_size), group, beam_width,
+                                        tuple(delimiters), tuple(stop), max_new_tokens, sampling, generator)
+        results += beam_search(group, expand, beam_width, max_steps)
+    return results
 
 
 def best_of_k(policy, tokenizer, value_fn, prompts, k, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
               generator=None, stop=(), batch_size=64):
-    """K samples per prompt, each scored by the value at its last token (before EOS when it ended with EOS).
-    Returns per prompt {"samples": [tokens] * K, "finish", "values", "best": index of the highest value (first
-    on ties)}. With stop strings that end a turn this is per-turn action selection (see select_action)."""
+    """K samples per prompt, each scored by the value at the state whose action ends it (engine.end_state: before
+    the EOS or the stop string that ended it). value_fn: a ValueModel (each prompt read once into its cache, so a
+    sample costs its own tokens) or value_fn(seqs) -> values at the last tokens. Returns per prompt {"samples":
+    [tokens] * K, "finish", "values", "best": index of the highest value (first on ties)}. With stop strings that
+    end a turn this is per-turn action selection (see select_action)."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
     tokens, finish = sample_batched(policy, tokenizer, prompts, max_new_tokens, batch_size, n_samples=k,
                                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                                     stop=stop)
-    seqs = [p for p in prompts for _ in range(k)]
-    values = value_fn([s + (t[:-1] if w == "eos" else t) for s, t, w in zip(seqs, tokens, finish)])
+    states = [end_state(tokenizer, t, f, stop) for t, f in zip(tokens, finish)]
+    if isinstance(value_fn, ValueModel):
+        values = cached_values(value_fn, prompts, k, tokens, states, batch_size)
+    else:
+        values = value_fn([prompts[j // k] + t[:m] for j, (t, m) in enumerate(zip(tokens, states))])
     results = []
     for i in range(len(prompts)):
         vs = values[i * k:(i + 1) * k]
@@ -258,7 +144,8 @@ def select_action(policy, tokenizer, value_fn, prefix, k, end_of_turn, max_new_t
                   top_p=1.0, generator=None):
     """Best-of-K action selection for agents: prefix (token ids) is a transcript ending where the assistant's
     turn starts; sample K actions up to an end_of_turn string (e.g. ("<|im_end|>",)) or EOS and return the
-    (action tokens, value) of the highest-valued one. Stepping the environment is the caller's job."""
+    (action tokens, value) of the highest-valued one, the value read at the state whose action ends the turn.
+    value_fn: a ValueModel or value_fn(seqs), as in best_of_k. Stepping the environment is the caller's job."""
     r = best_of_k(policy, tokenizer, value_fn, [prefix], k, max_new_tokens, temperature, top_p,
                   generator=generator, stop=end_of_turn)[0]
     return r["samples"][r["best"]], r["values"][r["best"]]
@@ -275,6 +162,14 @@ def device_and_dtype(args):
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
     return device, dtype
+
+
+def compile_decode(model):
+    """torch.compile the model's one-token decode step, with dynamic shapes (rows leave the batch as they finish, so
+    every batch size would compile again otherwise). Pays on CPU for small models, where a decode step is
+    dominated by framework overhead; the first call compiles (tens of seconds)."""
+    model.decode = torch.compile(model.decode)
+    return model
 
 
 def need_folder(folder, flag):
@@ -394,6 +289,8 @@ def collect(args):
             torch.cuda.set_device(device)
     problems = read_problems(args.problems)
     policy, tokenizer = load_policy(args.policy, device, dtype)
+    if args.compile:
+        compile_decode(policy)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:   # fold in what an interrupted run left behind, dropping half-written problems
@@ -487,10 +384,11 @@ def evaluate(args):
     delimiters = parse_delimiters(args.delimiters)
     problems = read_problems(args.problems)[:args.limit or None]
     policy, tokenizer = load_policy(args.policy, device, dtype)
-    value_fn = None
+    if args.compile:
+        compile_decode(policy)
+    value_model = None
     if args.value:
         value_model = load_value(args.value, policy, tokenizer, args.policy, device, dtype)
-        value_fn = lambda seqs: last_token_values(value_model, seqs, args.batch_size)
     elif any(kind in ("beam", "bestof") for kind, _ in methods):
         raise ValueError("--methods beam*/bestof* need a value model: pass --value FOLDER")
     prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in problems]
@@ -507,14 +405,14 @@ def evaluate(args):
                                           **(dict(sampling, temperature=0.0) if kind == "greedy" else sampling))
             n_tokens = sum(len(r) for r in responses)
         elif kind == "beam":
-            results = value_beam_search(policy, tokenizer, value_fn, prompts, width, delimiters,
+            results = value_beam_search(policy, tokenizer, value_model, prompts, width, delimiters,
                                         args.max_new_tokens, generator=generator, batch_size=args.batch_size,
-                                        max_steps=args.max_steps, **sampling)
+                                        max_steps=args.max_steps, stop=tuple(args.stop), **sampling)
             responses = [r["response"] for r in results]
             values = [r["value"] for r in results]
             n_tokens = sum(r["tokens"] for r in results)
         else:
-            results = best_of_k(policy, tokenizer, value_fn, prompts, width, args.max_new_tokens,
+            results = best_of_k(policy, tokenizer, value_model, prompts, width, args.max_new_tokens,
                                 generator=generator, stop=tuple(args.stop), batch_size=args.batch_size, **sampling)
             responses = [r["samples"][r["best"]] for r in results]
             values = [r["values"][r["best"]] for r in results]
@@ -570,6 +468,8 @@ def build_parser():
     g.add_argument("--stop", action="append", default=[], help="extra stop string ending a response, e.g. "
                    "'<|im_end|>' when the tokenizer's EOS is another token (repeatable)")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    g.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step (dynamic shapes); "
+                   "compiling takes 40-250 s on a CPU and was slower there at batch 100+ (README)")
     g.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("collect", parents=[common], help="K graded samples per problem -> trajectory JSONL",

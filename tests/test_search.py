@@ -1,5 +1,6 @@
-"""search.py: the cached engine against the naive one, stop strings, beam search on a scripted tree, collect and
-its resume, eval, and the errors a user can cause. Tiny random models and the byte-level tokenizer."""
+"""search.py and engine.py: the cached engine against the naive one, stop strings, beam search on a scripted tree,
+cached beam search and best-of-K against their full-recompute references, the state each value is read at, collect
+and its resume, eval, and the errors a user can cause. Tiny random models and the byte-level tokenizer."""
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import data
+import engine
 import search
 from model import Config, Transformer, ValueModel
 
@@ -124,8 +126,32 @@ class MergedTokens:
     ([1, 0], ("\n",), "eos"),
 ])
 def test_stop_strings_are_matched_on_text_across_and_inside_tokens(tokens, stop, expected):
-    assert search._check_stop(MergedTokens(), tokens, limit=2 if expected == "length" else 10, stop=stop) \
+    assert engine._check_stop(MergedTokens(), tokens, limit=2 if expected == "length" else 10, stop=stop) \
         == expected
+
+
+@pytest.mark.parametrize("context, tokens, stop, delimiters, expected", [
+    ([1, 5], [5], ("\n\n",), ("\n",), "stop"),    # a stop string that began in the beam's earlier step ends it
+    ([1, 5], [5], (), ("\n",), "step"),           # without it, the same token only ends a step
+    ([1, 2], [3], (), (". ",), None),             # a delimiter is a step's own: not matched across steps
+    ([1, 2], [3], (". ",), ("\n",), "stop"),      # a stop string is matched across them
+    ([1], [1, 5], ("$",), ("\n",), "step"),
+])
+def test_stop_strings_span_a_beams_earlier_steps_and_delimiters_do_not(context, tokens, stop, delimiters,
+                                                                          expected):
+    assert engine._check_stop(MergedTokens(), tokens, 10, stop, delimiters, context) == expected
+
+
+@pytest.mark.parametrize("tokens, finish, stop, expected", [
+    ([1, 2, 0], "eos", (), 2),            # the state whose action is EOS: all tokens but EOS
+    ([1, 2, 5], "step", (), 3),           # a step: the state after its last token
+    ([1, 4], "stop", ("\n\n",), 1),       # ".\n\nThe" straddles the stop string's start: left out
+    ([1, 2, 5, 5], "stop", ("\n\n",), 2),  # the stop string's own tokens are not part of the state
+    ([5, 5, 1], "stop", ("x", "\n"), 0),  # the first occurrence of any stop string; the state is the prompt alone
+    ([1, 1], "length", (), 2),
+])
+def test_end_state_is_the_state_whose_action_ends_the_response(tokens, finish, stop, expected):
+    assert engine.end_state(MergedTokens(), tokens, finish, stop) == expected
 
 
 def test_response_text_drops_the_eos_and_the_stop_string_that_ended_it():
@@ -136,84 +162,184 @@ def test_response_text_drops_the_eos_and_the_stop_string_that_ended_it():
 
 def scripted_search(tree, values, beam_width, max_steps=20):
     """Beam search over a scripted tree: tree[response] lists the beam_width continuations (tokens, finish) that
-    sampling from that beam returns; values[response] is the value at its last token."""
+    sampling from that beam returns; values[response] is the value of that candidate."""
     calls = []
 
-    def expand(pairs):
-        calls.append([tuple(resp) for _, resp in pairs])
-        return [tree[tuple(resp)] for _, resp in pairs]
+    def expand(parents):
+        calls.append([tuple(resp) for _, resp, _ in parents])
+        return [[(new, why, values[tuple(resp + new)]) for new, why in tree[tuple(resp)]] for _, resp, _ in parents]
 
-    def value(seqs):
-        return [values[tuple(s[1:])] for s in seqs]   # s = prompt [99] + response
-
-    return search.beam_search([[99]], expand, value, beam_width, max_steps)[0], calls
+    return search.beam_search([[99]], expand, beam_width, max_steps)[0], calls
 
 
 def test_beam_search_follows_the_highest_values_and_keeps_ties_stable():
-    S, E = "stop", "eos"
+    S, E = "step", "eos"
     tree = {(): [([1], S), ([2], S)],
             (1,): [([3], S), ([4, 0], E)],     # 4 then EOS (id 0)
             (2,): [([5], S), ([6], S)],
             (1, 3): [([7, 0], E), ([8], "length")],
-            (2, 5): [([9, 0], E), ([10, 0], E)]}
-    values = {(1,): 0.5, (2,): 0.5, (1, 3): 0.2, (1, 4): 0.1, (2, 5): 0.9, (2, 6): 0.2,
-              (1, 3, 7): 0.3, (1, 3, 8): 0.95, (2, 5, 9): 0.6, (2, 5, 10): 0.4}
+            (2, 5): [([9, 0], E), ([10], "stop")]}
+    values = {(1,): 0.5, (2,): 0.5, (1, 3): 0.2, (1, 4, 0): 0.1, (2, 5): 0.9, (2, 6): 0.2,
+              (1, 3, 7, 0): 0.3, (1, 3, 8): 0.95, (2, 5, 9, 0): 0.6, (2, 5, 10): 0.4}
     best, calls = scripted_search(tree, values, beam_width=2)
     # step 1: one beam, two samples; step 2: (1,) and (2,) in sampling order (tie 0.5/0.5); step 3: (2,5) first,
     # then (1,3) and not (2,6): both are worth 0.2, and a tie keeps the earlier candidate
     assert calls == [[()], [(1,), (2,)], [(2, 5), (1, 3)]]
     assert best["response"] == [1, 3, 8] and best["value"] == 0.95
-    # finished ones are scored before their EOS: (1, 4, 0) has the value of (1, 4)
+    # eos, stop (a stop string) and length all finish a candidate
     assert sorted(v for v, _ in best["pool"]) == [0.1, 0.3, 0.4, 0.6, 0.95]
-    assert best["tokens"] == 2 + 5 + 7
+    assert best["tokens"] == 2 + 5 + 6
 
 
 def test_beam_search_stops_after_max_steps_and_keeps_open_beams():
-    tree = {(): [([1], "stop")], (1,): [([2], "stop")], (1, 2): [([3], "stop")]}
+    tree = {(): [([1], "step")], (1,): [([2], "step")], (1, 2): [([3], "step")]}
     values = {(1,): 0.0, (1, 2): 0.7, (1, 2, 3): 0.4}
     best, calls = scripted_search(tree, values, beam_width=1, max_steps=2)
     assert len(calls) == 2 and best["response"] == [1, 2] and best["value"] == 0.7
 
 
-
 def test_beam_search_answers_with_a_finished_candidate_over_a_higher_valued_open_beam():
     # After max_steps the open beam [2, 3] (value 0.9) has no answer yet; the finished [1, 0] (0.5) must win.
-    tree = {(): [([1, 0], "eos"), ([2], "stop")], (2,): [([3], "stop"), ([4], "stop")]}
-    values = {(1,): 0.5, (2,): 0.1, (2, 3): 0.9, (2, 4): 0.2}
+    tree = {(): [([1, 0], "eos"), ([2], "step")], (2,): [([3], "step"), ([4], "step")]}
+    values = {(1, 0): 0.5, (2,): 0.1, (2, 3): 0.9, (2, 4): 0.2}
     best, _ = scripted_search(tree, values, beam_width=2, max_steps=2)
     assert best["response"] == [1, 0] and best["value"] == 0.5
 
-def test_value_beam_search_with_models_scores_the_state_before_eos():
-    policy = tiny_model(seed=1, dtype=torch.float32)
-    value_model = ValueModel(None, tiny_model(seed=2, dtype=torch.float32))
-    torch.nn.init.normal_(value_model.head.weight)
-    value_fn = lambda seqs: search.last_token_values(value_model, seqs, batch_size=3)
-    prompts = random_prompts([3, 8], seed=6)
-    results = search.value_beam_search(policy, TOKENIZER, value_fn, prompts, beam_width=2,
-                                       delimiters=tuple("abcdefghijklmnop"), max_new_tokens=12,
-                                       generator=torch.Generator().manual_seed(0), batch_size=3)
+
+def byte_tokenizer(stop_ids):
+    """The byte-level tokenizer with other stop ids: many make EOS fall inside a step, none let no answer end."""
+    tokenizer = data.Tokenizer.byte_level()
+    tokenizer.stop_ids = stop_ids
+    return tokenizer
+
+
+def value_model_for_search(seed, zero_head=False):
+    value_model = ValueModel(None, tiny_model(seed=seed))
+    if not zero_head:   # the value model's head starts at zero, so every value is 0.0: all ties
+        torch.nn.init.normal_(value_model.head.weight)
+    return value_model
+
+
+def as_text(tokens):
+    """One character per token (the byte tokenizer's EOS and pad become ÿ), so a text index is a token index."""
+    return bytes(min(t, 255) for t in tokens).decode("latin-1")
+
+
+def state_value(value_model, state):
+    """The reference: V at the last token of state, from a plain forward over the whole sequence."""
+    return value_model(torch.tensor([state]))[0, -1].item()
+
+
+@pytest.mark.parametrize("case", ["plain", "ties", "eos_in_steps", "cap"])
+@pytest.mark.parametrize("beam_width", [1, 3])
+def test_cached_beam_search_equals_the_full_recompute_reference(beam_width, case):
+    policy = tiny_model(seed=1)
+    value_model = value_model_for_search(2, zero_head=case == "ties")
+    tokenizer = {"eos_in_steps": byte_tokenizer(list(range(0, 256, 11)) + [256]),   # ~1 token in 11 ends
+                 "cap": byte_tokenizer([])}.get(case, TOKENIZER)
+    delimiters = tuple(chr(c) for c in range(128)) if case == "cap" else tuple("abcdefghijklmnop")  # ASCII
+    prompts = random_prompts([3, 8] if case == "cap" else [3, 8, 1, 5, 2], seed=6)
+    kwargs = dict(beam_width=beam_width, delimiters=delimiters, max_new_tokens=60 if case == "cap" else 16,
+                  stop=() if case == "cap" else tuple("qrstuvwxyz"), batch_size=20, temperature=1.0, top_p=0.95)
+    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+    cached = search.value_beam_search(policy, tokenizer, value_model, prompts, generator=generators[0], **kwargs)
+    reference = search.value_beam_search(policy, tokenizer, value_model, prompts, generator=generators[1],
+                                         cached=False, **kwargs)
+    assert torch.equal(generators[0].get_state(), generators[1].get_state()), "both must draw the same numbers"
+    for c, r in zip(cached, reference):
+        assert c["response"] == r["response"] and c["tokens"] == r["tokens"]
+        assert [resp for _, resp in c["pool"]] == [resp for _, resp in r["pool"]]
+        assert [v for v, _ in c["pool"]] == pytest.approx([v for v, _ in r["pool"]], abs=1e-6)
+        assert c["value"] == pytest.approx(r["value"], abs=1e-6)
+    if case == "ties":
+        assert all(v == 0.0 for c in cached for v, _ in c["pool"])
+    if case == "cap":   # nothing ends an answer but the length, and steps are short: 20 expansions end the search
+        assert all(len(c["response"]) >= 20 for c in cached)
+        assert any(len(c["response"]) < 60 for c in cached), "some answers should be open beams at the cap"
+    if case == "eos_in_steps":
+        ended = [resp for c in cached for _, resp in c["pool"] if resp[-1] in tokenizer.stop_ids]
+        assert ended, "some answers should end with a stop id inside a step"
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_stop_strings_end_beam_candidates_and_their_value_is_read_before_the_end(cached):
+    policy = tiny_model(seed=1)
+    value_model = value_model_for_search(2)
+    prompts = random_prompts([3, 8, 4], seed=6)
+    stop = tuple("qrstuvwxyz")
+    results = search.value_beam_search(policy, TOKENIZER, value_model, prompts, beam_width=3,
+                                       delimiters=tuple("abcdefghijklmnop"), max_new_tokens=24, stop=stop,
+                                       generator=torch.Generator().manual_seed(0), batch_size=27, cached=cached)
+    n_stopped = 0
     for prompt, r in zip(prompts, results):
-        assert r["value"] == max(v for v, _ in r["pool"]) and 0 < len(r["response"]) <= 12
+        assert r["value"] == max(v for v, _ in r["pool"]) and 0 < len(r["response"]) <= 24
         for v, resp in r["pool"]:
-            state = prompt + (resp[:-1] if resp[-1] == TOKENIZER.eos_id else resp)
-            assert v == pytest.approx(value_model(torch.tensor([state]))[0, -1].item(), abs=1e-5)
+            text = as_text(resp)
+            first = min([text.find(s) for s in stop if s in text], default=len(resp))
+            # a stop string ends the answer at once, as in a sampled answer; no step goes on past it
+            assert first >= len(resp) - 1, f"{text!r} goes on past a stop string"
+            n_stopped += first == len(resp) - 1
+            # the value of the state whose action ends the answer: before EOS or before the stop string
+            state = prompt + resp[:min(first, len(resp) - (resp[-1] == TOKENIZER.eos_id))]
+            assert v == pytest.approx(state_value(value_model, state), abs=1e-5)
+    assert n_stopped > 0, "some answers should end with a stop string (each token is one with p ~ 10/258)"
 
 
-def test_best_of_k_and_select_action_keep_the_highest_value():
-    policy = tiny_model(seed=1, dtype=torch.float32)
-    score = lambda seqs: [float(sum(s) % 97) for s in seqs]   # any deterministic value function
-    prompts = random_prompts([4, 2], seed=7)
-    results = search.best_of_k(policy, TOKENIZER, score, prompts, k=5, max_new_tokens=10,
-                               generator=torch.Generator().manual_seed(0), batch_size=4)
+@pytest.mark.parametrize("as_model", [True, False])
+def test_best_of_k_and_select_action_read_the_value_before_the_end_of_the_action(as_model):
+    policy = tiny_model(seed=1)
+    value_model = value_model_for_search(3)
+    asked = []
+
+    def value_fn(seqs):
+        asked.extend(seqs)
+        return search.last_token_values(value_model, seqs)
+    value = value_model if as_model else value_fn
+    prompts = random_prompts([4, 2, 7], seed=7)
+    stop = ("\x01", "e", "ou")
+    results = search.best_of_k(policy, TOKENIZER, value, prompts, k=5, max_new_tokens=12, stop=stop,
+                               generator=torch.Generator().manual_seed(0), batch_size=10)
+    states = []
     for prompt, r in zip(prompts, results):
         assert len(r["samples"]) == 5 and r["values"][r["best"]] == max(r["values"])
-        assert r["values"] == score([prompt + s for s in r["samples"]])
+        for s, why in zip(r["samples"], r["finish"]):
+            text = as_text(s)
+            cut = len(s) - (why == "eos")
+            if why == "stop":
+                cut = min(text.find(x) for x in stop if x in text)
+            states.append(prompt + s[:cut])
+        assert r["values"] == pytest.approx([state_value(value_model, x) for x in states[-5:]], abs=1e-5)
+    assert {"stop", "length"} <= {w for r in results for w in r["finish"]}
+    if not as_model:
+        assert asked == states
     # per-turn action selection is best-of-K over one transcript prefix, stopping at the end of the turn
-    turn = search.best_of_k(policy, TOKENIZER, score, prompts[:1], k=5, max_new_tokens=10, stop=("\x01",),
+    turn = search.best_of_k(policy, TOKENIZER, value, prompts[:1], k=5, max_new_tokens=10, stop=stop,
                             generator=torch.Generator().manual_seed(1))[0]
-    action, value = search.select_action(policy, TOKENIZER, score, prompts[0], k=5, end_of_turn=("\x01",),
-                                         max_new_tokens=10, generator=torch.Generator().manual_seed(1))
-    assert action == turn["samples"][turn["best"]] and value == max(turn["values"])
+    action, v = search.select_action(policy, TOKENIZER, value, prompts[0], k=5, end_of_turn=stop,
+                                     max_new_tokens=10, generator=torch.Generator().manual_seed(1))
+    assert action == turn["samples"][turn["best"]] and v == max(turn["values"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_extend_appends_ragged_rows_as_a_full_forward_reads_them(family):
+    policy = tiny_model(family, seed=4)
+    value_model = ValueModel(None, tiny_model(family, seed=5))
+    torch.nn.init.normal_(value_model.head.weight)
+    seqs = random_prompts([9, 4, 13, 6], seed=8)
+    cuts = [[3, 7], [4, 4], [1, 12], [0, 6]]   # appended in two calls; a row may append nothing
+    for model in (policy, value_model):
+        cache = model.new_cache(len(seqs), 20)
+        outs = [[] for _ in seqs]
+        for part in (0, 1):
+            pieces = [s[c[0]:c[1]] if part else s[:c[0]] for s, c in zip(seqs, cuts)]
+            out = engine._extend_rows(model, cache, pieces)
+            out = model.lm_head(out) if model is policy else out
+            for o, p, piece in zip(outs, out, pieces):
+                o.extend(p[:len(piece)])
+        assert cache.lengths.tolist() == [c[1] for c in cuts]
+        for s, c, o in zip(seqs, cuts, outs):
+            full = model(torch.tensor([s[:c[1]]]))[0]
+            assert torch.allclose(torch.stack(o), full, atol=1e-6), f"{family} {type(model).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------------------
