@@ -126,7 +126,7 @@ def reference_logprobs(reference, input_ids, fused, with_kl):
         return kernels.token_logprobs(logits, labels), logits
 
     with torch.no_grad():
-        ref_logp, kept = reference(input_ids, head=head)
+        ref_logp, kept = reference(input_ids, head=torch.compiler.disable(head))  # see policy_logprobs
     ref_logp = ref_logp.view(input_ids.shape)[:, :-1]
     if not with_kl:
         return ref_logp, None
@@ -156,7 +156,9 @@ def policy_logprobs(policy, input_ids, fused, kl_inputs=None):
             return kernels.token_logprobs(logits, labels, inplace_backward=True), None
         return kernels.token_logprobs_and_kl(logits, kl_inputs, labels, inplace_backward=True)
 
-    logp, kl = policy(input_ids, head=head)  # (B·L,) each
+    # The head runs eagerly under --compile: its kernels are fused already, and their Python chunk loops and
+    # data-dependent checks would only break the graph.
+    logp, kl = policy(input_ids, head=torch.compiler.disable(head))  # (B·L,) each
     shape = input_ids.shape
     return logp.view(shape)[:, :-1], None if kl is None else kl.view(shape)[:, :-1]
 
