@@ -319,9 +319,11 @@ class Transformer(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)      # (B, T); pads before row start → 0
         return self._run(input_ids, positions, padding_mask(attention_mask))
 
-    def forward(self, input_ids, attention_mask=None):
-        """Logits (B, T, V) in the model's dtype."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, head=None):
+        """Logits (B, T, V) in the model's dtype; or head(hidden (B, T, D), lm_head weight (V, D)), e.g. a loss that
+        never builds the logits. It runs inside forward, where FSDP has gathered the sharded weight."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.lm_head(hidden) if head is None else head(hidden, self.lm_head.weight)
 
     # -- generation with the KV cache ------------------------------------------------------------------------
 

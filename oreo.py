@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 import data
 import kernels
@@ -99,25 +100,72 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
     return policy_loss, value_loss
 
 
-def token_logprobs(logits, input_ids, ref_logits=None):
+def shifted_labels(input_ids):
+    """(B, L) tokens -> (B·L,) labels: position j's label is x_{j+1}; the last position has none (ignore_index),
+    so the (B·L, ·) views of hidden states and logits need no copy."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)
+
+
+def full_weight(weight):
+    """A parameter as one plain tensor: FSDP2 holds it sharded (a DTensor) outside its module's forward."""
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+def reference_logprobs(reference, input_ids, fused, with_kl):
     """
-    logp[b, j] = log π(x_{j+1} | x_{≤j}) from logits (B, L, V) → (B, L-1) float32. With ref_logits, also the
-    per-token full-vocabulary KL[π_θ(·|s_j) ‖ π_ref(·|s_j)] (B, L-1), from the same pass over the logits; its
-    backward then writes the one combined gradient over the logits buffer, which nothing else reads afterwards.
-    The last position has no next token: its label is ignore_index, so the (B·L, V) view needs no copy.
+    The frozen reference's ref_logp (B, L-1) fp32, without gradient, and, with_kl, what the policy's KL pass reads:
+    fused, the reference's last hidden states (B·L, D) and its lm_head weight (V, D); else its logits (B·L, V).
     """
-    B, L, V = logits.shape
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)  # (B·L,)
-    if ref_logits is None:
-        return kernels.token_logprobs(logits.view(B * L, V), labels, ignore_index=-100).view(B, L)[:, :-1]
-    logp, kl = kernels.token_logprobs_and_kl(logits.view(B * L, V), ref_logits.view(B * L, V), labels,
-                                             ignore_index=-100, inplace_backward=True)
-    return logp.view(B, L)[:, :-1], kl.view(B, L)[:, :-1]
+    labels = shifted_labels(input_ids)
+
+    def head(hidden, weight):
+        hidden = hidden.flatten(0, 1)  # (B·L, D)
+        if fused:
+            return kernels.linear_logprobs(hidden, weight, labels), hidden
+        logits = F.linear(hidden, weight)  # (B·L, V)
+        return kernels.token_logprobs(logits, labels), logits
+
+    with torch.no_grad():
+        ref_logp, kept = reference(input_ids, head=torch.compiler.disable(head))  # see policy_logprobs
+    ref_logp = ref_logp.view(input_ids.shape)[:, :-1]
+    if not with_kl:
+        return ref_logp, None
+    return ref_logp, ((kept, full_weight(reference.lm_head.weight)) if fused else kept)
+
+
+def policy_logprobs(policy, input_ids, fused, kl_inputs=None):
+    """
+    logp[b, j] = log π(x_{j+1} | x_{≤j}) (B, L-1) fp32 from one policy forward; with kl_inputs (from
+    reference_logprobs) also the per-token full-vocabulary KL[π_θ(·|s_j) ‖ π_ref(·|s_j)] (B, L-1) from the same
+    pass over the vocabulary, else None.
+    fused: kernels.linear_logprobs from the last hidden states, in chunks of tokens recomputed in the backward, so
+    no (B·L, V) logits exist for policy or reference. Otherwise the logits are made once and read by one chunked
+    pass whose backward writes the gradient over them (faster on a CPU; README "The loss path").
+    """
+    labels = shifted_labels(input_ids)
+
+    def head(hidden, weight):
+        hidden = hidden.flatten(0, 1)  # (B·L, D)
+        if fused:
+            if kl_inputs is None:
+                return kernels.linear_logprobs(hidden, weight, labels), None
+            ref_hidden, ref_weight = kl_inputs
+            return kernels.linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        logits = F.linear(hidden, weight)  # (B·L, V); its backward needs hidden and weight, not the logits
+        if kl_inputs is None:
+            return kernels.token_logprobs(logits, labels, inplace_backward=True), None
+        return kernels.token_logprobs_and_kl(logits, kl_inputs, labels, inplace_backward=True)
+
+    # The head runs eagerly under --compile: its kernels are fused already, and their Python chunk loops and
+    # data-dependent checks would only break the graph.
+    logp, kl = policy(input_ids, head=torch.compiler.disable(head))  # (B·L,) each
+    shape = input_ids.shape
+    return logp.view(shape)[:, :-1], None if kl is None else kl.view(shape)[:, :-1]
 
 
 def kl_term(kind, token_kl, logp, ref_logp, mask):
     """The KL penalty of the policy loss, for the states whose action is trained. token_kl: (B, L-1) per-token
-    full-vocabulary KL from token_logprobs(..., ref_logits) (kind "full" only)."""
+    full-vocabulary KL from policy_logprobs(..., kl_inputs) (kind "full" only)."""
     if kind == "full":
         # KL = mean_b ( Σ_j mask · KL[π_θ(·|s_j) ‖ π_ref(·|s_j)] / Σ_j mask ), over the full vocabulary
         kl = token_kl
@@ -409,35 +457,33 @@ def fmt_time(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def forward_backward(policy, reference, value, batch, args, autocast, scale):
+def forward_backward(policy, reference, value, batch, args, autocast, scale, fused=None):
     """
-    One micro-batch of args.loss: the forward passes, the loss, and its backward passes; gradients are scaled
-    by `scale` (1 / accumulation steps) and accumulate. Returns detached (policy loss, value loss, KL, mean V),
-    zero where the loss has no such term.
+    One micro-batch of args.loss: the forward passes, the loss, and its backward pass; gradients are scaled by
+    `scale` (1 / accumulation steps) and accumulate. Returns detached (policy loss, value loss, KL, mean V), zero
+    where the loss has no such term. fused: log-probs and KL by the fused-linear form (default: on CUDA, where the
+    Bellman losses also run in the Triton kernel; policy_logprobs says what the other path does).
     """
     input_ids, mask, rewards = batch["input_ids"], batch["mask"], batch["rewards"]  # (B, L) (B, L-1) (B,)
+    fused = input_ids.is_cuda if fused is None else fused
+    full_kl = args.loss == "oreo" and args.kl == "full"
     zero = torch.zeros((), device=input_ids.device)
     with autocast:
-        logits = policy(input_ids)  # (B, L, V): the one policy forward of this micro-batch
         if reference is not None:
-            with torch.no_grad():
-                ref_logits = reference(input_ids)
-                ref_logp = token_logprobs(ref_logits, input_ids)
-        if args.loss == "oreo" and args.kl == "full":
-            logp, token_kl = token_logprobs(logits, input_ids, ref_logits)  # (B, L-1) fp32 each, one logits pass
-        else:
-            logp, token_kl = token_logprobs(logits, input_ids), None  # (B, L-1) fp32
+            ref_logp, kl_inputs = reference_logprobs(reference, input_ids, fused, full_kl)
+        # the one policy forward of this micro-batch; (B, L-1) fp32 each
+        logp, token_kl = policy_logprobs(policy, input_ids, fused, kl_inputs if full_kl else None)
     if args.loss == "oreo":
-        # The value loss needs acc = Σ mask·(logp − ref_logp), so the reference runs before it. oreo_loss detaches
-        # logp inside the value loss and the values inside the policy loss, so the two backward passes below touch
-        # disjoint graphs (value first, freeing its activations), and both losses see the pre-update V and logp.
+        # The value loss needs acc = Σ mask·(logp − ref_logp), so the reference runs before it. The losses detach
+        # logp inside the value loss and the values inside the policy loss, so one backward of their sum gives
+        # each model exactly its own loss's gradient, and both losses see the pre-update V and logp.
         with autocast:
             values = value(input_ids)[:, :-1]  # (B, L-1) fp32, V(s_j)
-        policy_loss, value_loss = oreo_loss(logp, ref_logp, values, rewards, mask, args.beta, args.variant,
-                                            batch["step_start"])
-        (value_loss * scale).backward()
+        bellman = kernels.bellman_loss if logp.is_cuda else oreo_loss  # the Triton kernel, or its specification
+        policy_loss, value_loss = bellman(logp, ref_logp, values, rewards, mask, args.beta, args.variant,
+                                          batch["step_start"])
         kl = kl_term(args.kl, token_kl, logp, ref_logp, mask) if args.kl != "none" else zero
-        ((policy_loss + args.alpha * kl) * scale).backward()
+        ((value_loss + policy_loss + args.alpha * kl) * scale).backward()
         return policy_loss.detach(), value_loss.detach(), kl.detach(), masked_mean(values.detach(), mask)
     if args.loss in ("sft", "rs"):
         loss = nll_loss(logp, mask)

@@ -1,7 +1,8 @@
 """
 The Bellman-residual kernel: OREO's value loss and token-, step- or response-level policy loss (DESIGN.md §1)
 over a (B, T) batch in one Triton kernel, with exactly oreo.oreo_loss's signature and results. oreo.oreo_loss
-is the specification (and the path on CPU tensors); this file only makes it one pass over memory.
+is the specification; this file only makes it one pass over memory. It runs on CUDA tensors (or under
+TRITON_INTERPRET=1); the caller chooses between it and the specification (oreo.py: this kernel on CUDA).
 
 One program per row b. Pass 1 walks the row's chunks from the end, carrying the suffix sum, so that
     lr[j] = mask·(logp − ref_logp),   acc[j] = Σ_{i≥j} lr[i] = carry + Σ_chunk lr − cumsum_chunk(lr)[j] + lr[j],
@@ -162,18 +163,10 @@ def _check(logp, ref_logp, values, rewards, mask, variant, step_start):
                          f"{tuple(rewards.shape)}")
 
 
-def bellman_loss_triton(logp, ref_logp, values, rewards, mask, beta, variant="token", step_start=None, block_t=None):
-    """bellman_loss forced onto the Triton kernel (tests run it on CPU under TRITON_INTERPRET=1)."""
+def bellman_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step_start=None, block_t=None):
+    """
+    Exactly oreo.oreo_loss (same arguments, same (policy_loss, value_loss), same gradients into logp and values),
+    in one Triton kernel. block_t: positions per chunk of a row (default: the row, at most 1024).
+    """
     _check(logp, ref_logp, values, rewards, mask, variant, step_start)
     return BellmanLoss.apply(logp, ref_logp, values, rewards, mask, beta, variant, step_start, block_t)
-
-
-def bellman_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step_start=None):
-    """
-    Exactly oreo.oreo_loss (same arguments, same (policy_loss, value_loss), same gradients into logp and values):
-    the Triton kernel on CUDA tensors, oreo.oreo_loss itself elsewhere.
-    """
-    if logp.is_cuda:
-        return bellman_loss_triton(logp, ref_logp, values, rewards, mask, beta, variant, step_start)
-    from oreo import oreo_loss  # the specification; imported here because oreo.py itself imports kernels/
-    return oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant, step_start)

@@ -112,7 +112,8 @@ def kl_forward_triton(logits, ref_logits, labels=None, ignore_index=-100, block_
     block = block_v or _block_v(V)
     if N > 0:
         _kl_fwd_kernel[(N,)](logits, logits.stride(0), ref_logits, ref_logits.stride(0), kl, lse, ref_lse,
-                             kl if labels is None else labels.contiguous(), kl if logp is None else logp, V, ignore_index,
+                             kl if labels is None else labels.contiguous(), kl if logp is None else logp, V,
+                             ignore_index,
                              WITH_LABELS=labels is not None, BLOCK_V=block, num_warps=_num_warps(block))
     return kl, lse, ref_lse, logp
 

@@ -89,6 +89,7 @@ def linear_logprobs(hidden, weight, labels, ignore_index=-100, ref_hidden=None, 
     (logp, kl) when ref_hidden (N, D') and ref_weight (V, D') are given (kl: KL[π ‖ π_ref] per token, gradient
     into hidden and weight only). Chunked over tokens (chunk_size rows at a time), never (N, V).
     backend: "triton" or "torch"; by default Triton on CUDA tensors, the PyTorch row functions elsewhere.
+    Under autocast the inputs are cast once to its dtype (the forward and the recomputing backward then agree).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_logprobs: hidden must be (N, D) and weight (V, D), got {tuple(hidden.shape)} and "
@@ -105,6 +106,12 @@ def linear_logprobs(hidden, weight, labels, ignore_index=-100, ref_hidden=None, 
             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any():
         raise ValueError(f"linear_logprobs: labels must be (N,) = ({hidden.shape[0]},) with values in [0, {V}) or "
                          f"ignore_index={ignore_index}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as F.linear under autocast: one cast of each input, then that dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        if ref_hidden is not None:
+            ref_hidden, ref_weight = ref_hidden.to(dtype), ref_weight.to(dtype)
     backend = backend or ("triton" if hidden.is_cuda else "torch")
     chunk_size = chunk_size or default_chunk_size(V, hidden.device)
     if ref_hidden is not None:

@@ -98,8 +98,8 @@ def logprobs_forward_triton(logits, labels, ignore_index=-100, block_v=None):
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     block = block_v or _block_v(V)
     if N > 0:
-        _logprobs_fwd_kernel[(N,)](logits, logits.stride(0), labels.contiguous(), logp, lse, V, ignore_index, BLOCK_V=block,
-                                   num_warps=_num_warps(block))
+        _logprobs_fwd_kernel[(N,)](logits, logits.stride(0), labels.contiguous(), logp, lse, V, ignore_index,
+                                   BLOCK_V=block, num_warps=_num_warps(block))
     return logp, lse
 
 
@@ -110,8 +110,8 @@ def logprobs_backward_triton(logits, labels, lse, grad, ignore_index=-100, out=N
     N, V = logits.shape
     block = block_v or _block_v(V)
     if N > 0:
-        _logprobs_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels.contiguous(), lse, grad.contiguous(), V,
-                                   ignore_index, BLOCK_V=block, num_warps=_num_warps(block))
+        _logprobs_bwd_kernel[(N,)](logits, logits.stride(0), out, out.stride(0), labels.contiguous(), lse,
+                                   grad.contiguous(), V, ignore_index, BLOCK_V=block, num_warps=_num_warps(block))
     return out
 
 

@@ -78,8 +78,8 @@ def bellman_losses(folder, policy_folder, value_folder, variant):
                 data.load_trajectories(folder / "data" / "samples_r1.jsonl")]
     batch = data.collate(examples, tokenizer.pad_id)
     ids = batch["input_ids"]
-    logp = oreo.token_logprobs(Transformer.from_pretrained(policy_folder)(ids), ids)
-    ref_logp = oreo.token_logprobs(Transformer.from_pretrained(folder / "sft" / "policy")(ids), ids)
+    logp = oreo.policy_logprobs(Transformer.from_pretrained(policy_folder), ids, False)[0]
+    ref_logp = oreo.policy_logprobs(Transformer.from_pretrained(folder / "sft" / "policy"), ids, False)[0]
     values = ValueModel.from_pretrained(value_folder)(ids)[:, :-1]
     return oreo.oreo_loss(logp, ref_logp, values, batch["rewards"], batch["mask"], 0.03, variant, batch["step_start"])
 

@@ -275,7 +275,7 @@ def test_bellman_kernel_equals_oreo_loss_and_the_loop_derivation(variant, block_
         (upstream[0] * policy + upstream[1] * value).backward()
         return policy.double(), value.double(), lp.grad.double(), v.grad.double()
 
-    kernel = losses_and_grads(bellman.bellman_loss_triton, torch.float32, block_t=block_t)
+    kernel = losses_and_grads(bellman.bellman_loss, torch.float32, block_t=block_t)
     for name, expected in (("oreo_loss", losses_and_grads(oreo_loss, torch.float64)),
                            ("oreo_loss_loops", losses_and_grads(oreo_loss_loops, torch.float64))):
         for what, a, b in zip(("policy loss", "value loss", "d logp", "d values"), kernel, expected):
@@ -294,8 +294,8 @@ def test_bellman_step_residual_reaches_every_token_of_its_step_across_chunks():
     step_start = torch.zeros(1, T, dtype=torch.bool)
     step_start[0, 2] = True
     lp = logp.float().requires_grad_()
-    policy, _ = bellman.bellman_loss_triton(lp, ref_logp.float(), values, rewards, mask, 0.5, "step", step_start,
-                                            block_t=4)
+    policy, _ = bellman.bellman_loss(lp, ref_logp.float(), values, rewards, mask, 0.5, "step", step_start,
+                                     block_t=4)
     policy.backward()
     assert lp.grad[0, :2].abs().max() == 0
     assert torch.allclose(lp.grad[0, 2:], lp.grad[0, 2].expand(T - 2)) and lp.grad[0, 2] != 0

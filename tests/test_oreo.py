@@ -73,14 +73,27 @@ def test_kto_loss_matches_its_formula_with_a_detached_batch_reference_point(B, T
         torch.testing.assert_close(grad[b], expected * mask[b], rtol=1e-10, atol=1e-12)
 
 
+class head_model:
+    """A stand-in for Transformer: model(input_ids, head=head) = head(hidden (B, L, D), lm_head weight (V, D))."""
+
+    def __init__(self, hidden, weight):
+        self.hidden, self.lm_head = hidden, torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def __call__(self, input_ids, head):
+        return head(self.hidden, self.lm_head.weight)
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("B,L,V,seed", [(1, 2, 5, 0), (3, 9, 37, 1), (2, 17, 258, 2)])
-def test_sft_loss_is_per_sequence_token_mean_cross_entropy(B, L, V, seed):
+def test_sft_loss_is_per_sequence_token_mean_cross_entropy(B, L, V, seed, fused):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, L, V, generator=g) * 3
+    hidden, weight = torch.randn(B, L, 8, generator=g), torch.randn(V, 8, generator=g)
+    logits = hidden @ weight.t()
     input_ids = torch.randint(0, V, (B, L), generator=g)
     mask = (torch.rand(B, L - 1, generator=g) < 0.6).float()
     mask[0, -1] = 1  # at least one action token
-    ours = oreo.nll_loss(oreo.token_logprobs(logits, input_ids), mask)
+    ours = oreo.nll_loss(oreo.policy_logprobs(head_model(hidden, weight), input_ids, fused)[0], mask)
     rows = []
     for b in range(B):
         ce = F.cross_entropy(logits[b, :-1].double(), input_ids[b, 1:], reduction="none")  # (L-1,)
@@ -101,16 +114,19 @@ def test_rs_trains_on_exactly_the_reward_one_responses(tmp_path):
     assert got == want and len(got) == 4
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("B,L,V,seed", [(1, 2, 3, 0), (2, 7, 37, 1), (3, 5, 258, 2)])
-def test_full_kl_term_equals_float64_full_vocabulary_kl_and_k3_its_formula(B, L, V, seed):
+def test_full_kl_term_equals_float64_full_vocabulary_kl_and_k3_its_formula(B, L, V, seed, fused):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, L, V, generator=g) * 2
-    ref_logits = logits + torch.randn(B, L, V, generator=g)
+    D = 6
+    hidden, weight = torch.randn(B, L, D, generator=g), torch.randn(V, D, generator=g)
+    ref_hidden, ref_weight = hidden + 0.3 * torch.randn(B, L, D, generator=g), torch.randn(V, D, generator=g)
+    logits, ref_logits = hidden @ weight.t(), ref_hidden @ ref_weight.t()
     input_ids = torch.randint(0, V, (B, L), generator=g)
     mask = (torch.rand(B, L - 1, generator=g) < 0.7).float()
-    ours_logits = logits.clone().requires_grad_(True)
-    logp, token_kl = oreo.token_logprobs(ours_logits, input_ids, ref_logits)
-    ref_logp = oreo.token_logprobs(ref_logits, input_ids)
+    ours_hidden = hidden.clone().requires_grad_(True)
+    ref_logp, kl_inputs = oreo.reference_logprobs(head_model(ref_hidden, ref_weight), input_ids, fused, True)
+    logp, token_kl = oreo.policy_logprobs(head_model(ours_hidden, weight), input_ids, fused, kl_inputs)
     ours = oreo.kl_term("full", token_kl, logp, ref_logp, mask)
     k3 = oreo.kl_term("k3", None, logp, ref_logp, mask)
     logits64 = logits.double().requires_grad_(True)
@@ -129,7 +145,7 @@ def test_full_kl_term_equals_float64_full_vocabulary_kl_and_k3_its_formula(B, L,
     (ours + (weights * logp).sum()).backward()
     expected = ((m * kl).sum(-1) / m.sum(-1).clamp(min=1)).mean() + (weights * logp64).sum()
     expected.backward()
-    torch.testing.assert_close(ours_logits.grad.double(), logits64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_hidden.grad.double(), logits64.grad @ weight.double(), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,7 +327,7 @@ def test_a_few_steps_on_one_fixed_batch_fit_the_value_and_favour_the_correct_res
     batch = oreo.data.collate(examples, tokenizer.pad_id)
     ids = batch["input_ids"]
     with torch.no_grad():
-        log_ratio = oreo.token_logprobs(policy(ids), ids) - oreo.token_logprobs(reference(ids), ids)
+        log_ratio = oreo.policy_logprobs(policy, ids, False)[0] - oreo.policy_logprobs(reference, ids, False)[0]
     seq = (log_ratio * batch["mask"]).sum(-1)  # (B,)
     correct, wrong = seq[batch["rewards"] > 0.5].mean().item(), seq[batch["rewards"] < 0.5].mean().item()
     assert correct > wrong + 1, f"log π/π_ref: correct responses {correct:.2f}, wrong ones {wrong:.2f}"

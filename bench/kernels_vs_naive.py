@@ -1,9 +1,9 @@
 """
 Benchmark: the naive PyTorch loss against the fused kernels (DESIGN.md §3).
 
-    python -m kernels.bench                      # GPU: N ∈ {4096, 8192, 16384} × V ∈ {32000, 128256, 151936}, bf16
-    python -m kernels.bench --out bench.json     # also write every measurement as JSON
-    python -m kernels.bench --cpu                # CPU (the default without a GPU): small shapes
+    python bench/kernels_vs_naive.py                   # GPU: N ∈ {4096, 8192, 16384} × V ∈ {32000, 128256, 151936}
+    python bench/kernels_vs_naive.py --out bench.json  # also write every measurement as JSON
+    python bench/kernels_vs_naive.py --cpu             # CPU (the default without a GPU): small shapes
 
 Operations, each forward, backward and both ("full"), from bf16 logits (N, V) that require grad:
     loss    per-token log-probs + OREO's token-level Bellman losses (policy + value), T = 2048 tokens per row;
@@ -13,8 +13,15 @@ Operations, each forward, backward and both ("full"), from bf16 logits (N, V) th
             Floor: 10·N·V bytes (read both rows twice, write the gradient once).
     loss_kl OREO's whole policy-side loss: loss + α·mean KL; fused: token_logprobs_and_kl(inplace_backward=True)
             + bellman_loss. Floor: 10·N·V bytes.
-    linear  (GPU only) logp from hidden (N, 1536) and an lm_head (V, 1536): naive materialises the logits,
+    linear  (GPU only) logp from bf16 hidden (N, 1536) and an lm_head (V, 1536): naive materialises the logits,
             fused is linear_logprobs; its peak memory should stay flat in N.
+    train   what oreo.forward_backward computes on the vocabulary side, from the last hidden states (N, D) of policy
+            and reference (D = 1536 on a GPU, 576 on a CPU) and their lm_heads (bf16 on a GPU, fp32 on a CPU, as in
+            the trainer): log-probs + full KL + Bellman losses.
+            naive: both logits materialised, fp32 log_softmaxes, gather, the KL, oreo_loss; materialised: the
+            logits, then token_logprobs_and_kl(inplace_backward=True) (the trainer's CPU path); fused:
+            linear_logprobs with the reference (the trainer's CUDA path). The Bellman loss is the Triton kernel on
+            a GPU and oreo.oreo_loss on a CPU, as in the trainer.
 On the GPU times are medians of triton.testing.do_bench, "vs floor" is the full time over the floor's bytes
 moved at the measured device-to-device copy bandwidth, and memory is the peak allocated beyond the inputs. On the
 CPU times are medians of a few runs of the chunked PyTorch path, and peak memory is the growth of the resident
@@ -23,36 +30,45 @@ set during one forward+backward (what the naive loss allocates at once is what t
 import argparse
 import ctypes
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from kernels import bellman_loss, linear_logprobs, token_kl, token_logprobs, token_logprobs_and_kl
-from kernels.reference import naive_linear_logprobs, naive_token_kl, naive_token_logprobs
-from oreo import oreo_loss
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import bellman_loss, linear_logprobs, token_kl, token_logprobs, token_logprobs_and_kl  # noqa: E402
+from kernels.reference import naive_linear_logprobs, naive_token_kl, naive_token_logprobs  # noqa: E402
+from oreo import oreo_loss  # noqa: E402
 
 GPU_SHAPES = [(N, V) for N in (4096, 8192, 16384) for V in (32000, 128256, 151936)]
-CPU_SHAPES = [(512, 32000), (128, 151936)]
-FLOOR_BYTES_PER_ELEMENT = {"loss": 6, "kl": 10, "loss_kl": 10}  # bf16 bytes per logit moved by the fused kernels at best
+CPU_SHAPES = [(512, 32000), (128, 151936), (1024, 49152)]
+# bf16 bytes per logit moved by the fused kernels at best
+FLOOR_BYTES_PER_ELEMENT = {"loss": 6, "kl": 10, "loss_kl": 10}
 BETA = 0.03
 ALPHA = 0.01
 
 
 def make_inputs(op, N, V, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
-    if op == "linear":
-        D = 1536
-        hidden = torch.randn(N, D, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
-        weight = torch.randn(V, D, device=device, generator=g, dtype=torch.bfloat16).mul_(D**-0.5).requires_grad_()
+    if op in ("linear", "train"):
+        D, dtype = (1536, torch.bfloat16) if device == "cuda" else (576, torch.float32)  # as the trainer's
+        hidden = torch.randn(N, D, device=device, generator=g, dtype=dtype).requires_grad_()
+        weight = torch.randn(V, D, device=device, generator=g, dtype=dtype).mul_(D**-0.5).requires_grad_()
         labels = torch.randint(0, V, (N,), device=device, generator=g)
-        return dict(hidden=hidden, weight=weight, labels=labels)
-    # made in bf16 and scaled in place: no fp32 temporary, so the CPU's resident-set baseline is just the inputs
-    logits = torch.randn(N, V, device=device, generator=g, dtype=torch.bfloat16).mul_(2).requires_grad_()
-    inputs = dict(logits=logits, labels=torch.randint(0, V, (N,), device=device, generator=g))
+        inputs = dict(hidden=hidden, weight=weight, labels=labels)
+        if op == "linear":
+            return inputs
+        inputs.update(ref_hidden=hidden.detach() + 0.1 * torch.randn(N, D, device=device, generator=g, dtype=dtype),
+                      ref_weight=weight.detach().clone())
+    else:
+        # made in bf16 and scaled in place: no fp32 temporary, so the CPU's resident-set baseline is just the inputs
+        logits = torch.randn(N, V, device=device, generator=g, dtype=torch.bfloat16).mul_(2).requires_grad_()
+        inputs = dict(logits=logits, labels=torch.randint(0, V, (N,), device=device, generator=g))
     if op in ("kl", "loss_kl"):
         inputs["ref_logits"] = torch.randn(N, V, device=device, generator=g, dtype=torch.bfloat16).mul_(2)
-    if op in ("loss", "loss_kl"):
+    if op in ("loss", "loss_kl", "train"):
         T = min(N, 2048)
         B = N // T
         inputs.update(ref_logp=-torch.rand(B, T, device=device, generator=g) * 5,
@@ -60,6 +76,12 @@ def make_inputs(op, N, V, device, seed=0):
                       rewards=(torch.rand(B, device=device, generator=g) < 0.5).float(),
                       mask=(torch.rand(B, T, device=device, generator=g) < 0.8).float())
     return inputs
+
+
+def bellman(logp, ref_logp, values, rewards, mask):
+    """As the trainer: the Triton kernel on CUDA tensors, its specification oreo_loss elsewhere."""
+    policy, value = (bellman_loss if logp.is_cuda else oreo_loss)(logp, ref_logp, values, rewards, mask, BETA)
+    return policy + value
 
 
 def naive_loss(logits, labels, ref_logp, values, rewards, mask):
@@ -70,8 +92,7 @@ def naive_loss(logits, labels, ref_logp, values, rewards, mask):
 
 def fused_loss(logits, labels, ref_logp, values, rewards, mask):
     logp = token_logprobs(logits, labels, inplace_backward=True).view_as(ref_logp)  # (B, T)
-    policy, value = bellman_loss(logp, ref_logp, values, rewards, mask, BETA)
-    return policy + value
+    return bellman(logp, ref_logp, values, rewards, mask)
 
 
 def naive_loss_kl(logits, labels, ref_logits, ref_logp, values, rewards, mask):
@@ -81,8 +102,7 @@ def naive_loss_kl(logits, labels, ref_logits, ref_logp, values, rewards, mask):
 
 def fused_loss_kl(logits, labels, ref_logits, ref_logp, values, rewards, mask):
     logp, kl = token_logprobs_and_kl(logits, ref_logits, labels, inplace_backward=True)
-    policy, value = bellman_loss(logp.view_as(ref_logp), ref_logp, values, rewards, mask, BETA)
-    return policy + value + ALPHA * kl.mean()
+    return bellman(logp.view_as(ref_logp), ref_logp, values, rewards, mask) + ALPHA * kl.mean()
 
 
 def naive_kl(logits, labels, ref_logits):
@@ -101,11 +121,28 @@ def fused_linear(hidden, weight, labels):
     return linear_logprobs(hidden, weight, labels).sum()
 
 
+def naive_train(hidden, weight, labels, ref_hidden, ref_weight, ref_logp, values, rewards, mask):
+    logp, kl = naive_linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    policy, value = oreo_loss(logp.view_as(ref_logp), ref_logp, values, rewards, mask, BETA)
+    return policy + value + ALPHA * kl.mean()
+
+
+def materialised_train(hidden, weight, labels, ref_hidden, ref_weight, ref_logp, values, rewards, mask):
+    logp, kl = token_logprobs_and_kl(hidden @ weight.t(), ref_hidden @ ref_weight.t(), labels, inplace_backward=True)
+    return bellman(logp.view_as(ref_logp), ref_logp, values, rewards, mask) + ALPHA * kl.mean()
+
+
+def fused_train(hidden, weight, labels, ref_hidden, ref_weight, ref_logp, values, rewards, mask):
+    logp, kl = linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    return bellman(logp.view_as(ref_logp), ref_logp, values, rewards, mask) + ALPHA * kl.mean()
+
+
 IMPLS = {
     "loss": {"naive": naive_loss, "fused": fused_loss},
     "kl": {"naive": naive_kl, "fused": fused_kl},
     "loss_kl": {"naive": naive_loss_kl, "fused": fused_loss_kl},
     "linear": {"naive": naive_linear, "fused": fused_linear},
+    "train": {"naive": naive_train, "materialised": materialised_train, "fused": fused_train},
 }
 
 
@@ -162,7 +199,7 @@ def run_gpu(shapes, ops, compile_naive):
         linear_shapes = [(N, 151936) for N in (4096, 8192, 16384)]
         for N, V in linear_shapes if op == "linear" else shapes:
             impls = dict(IMPLS[op])
-            if compile_naive and op != "linear":
+            if compile_naive and op in FLOOR_BYTES_PER_ELEMENT:
                 impls["naive+compile"] = torch.compile(impls["naive"])
             for impl, fn in impls.items():
                 rows.append(bench_gpu(op, impl, fn, N, V, copy_bw))
@@ -247,17 +284,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the measurements to this JSON file")
     parser.add_argument("--cpu", action="store_true", help="run the small CPU benchmark even if a GPU is present")
-    parser.add_argument("--ops", help="comma-separated subset of loss,kl,loss_kl,linear (default: all on a GPU, "
-                        "loss,loss_kl on the CPU)")
+    parser.add_argument("--ops", help="comma-separated subset of loss,kl,loss_kl,linear,train (default: all on a "
+                        "GPU, loss,loss_kl,train on the CPU)")
     parser.add_argument("--shapes", help="N×V pairs to run instead of the defaults, e.g. 8192x151936,4096x32000")
     parser.add_argument("--no-compile", action="store_true", help="skip the naive loss under torch.compile")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     if torch.cuda.is_available() and not args.cpu:
-        ops = (args.ops or "loss,kl,loss_kl,linear").split(",")
+        ops = (args.ops or "loss,kl,loss_kl,linear,train").split(",")
         result = run_gpu(shapes or GPU_SHAPES, ops, compile_naive=not args.no_compile)
     else:
-        result = run_cpu(shapes or CPU_SHAPES, (args.ops or "loss,loss_kl").split(","))
+        result = run_cpu(shapes or CPU_SHAPES, (args.ops or "loss,loss_kl,train").split(","))
     result.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     if args.out:
         with open(args.out, "w") as f:
