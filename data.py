@@ -222,10 +222,10 @@ def _step_starts(tokenizer, ids, delimiters, rule="ours"):
 
 
 def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",), step_start="ours"):
-    """Tokens, action mask and step starts (rule `step_start`, see _step_starts) of one trajectory. Prompt/response form: the response and the token
-    that ends it are actions. Agent form: only assistant turns and the token that ends each (<|im_end|> in ChatML,
-    else EOS) are actions; system, user and environment turns never are. An end token joins its turn's last step
-    (or starts its own when the turn ends with a delimiter)."""
+    """Tokens, action mask and step starts (rule `step_start`, see _step_starts) of one trajectory. Prompt/response
+    form: the response and the token that ends it are actions. Agent form: only assistant turns and the token that
+    ends each (<|im_end|> in ChatML, else EOS) are actions; system, user and environment turns never are. An end
+    token joins its turn's last step (or starts its own when the turn ends with a delimiter)."""
     segments = []  # (ids, is_action): an action segment is one turn, its end token included
     if tokenizer.add_bos:
         segments.append(([tokenizer.bos_id], False))

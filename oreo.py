@@ -162,8 +162,8 @@ def kto_loss(logp, ref_logp, mask, rewards, beta, lambda_desirable=1.0, lambda_u
 # ----------------------------------------------------------------------------------------------------------
 # Options
 
-# The paper's β, α and learning rates per loss and variant (DESIGN.md §1 and the paper's appendix A.3, Qwen2.5-Math-1.5B:
-# SFT 2e-5, RS 5e-6, DPO 5e-7, KTO 5e-8, OREO 5e-6 and a LoRA critic at 1e-4 for 7B); explicit flags override them.
+# The paper's β, α and learning rates per loss and variant (DESIGN.md §1 and the paper's appendix A.3, for
+# Qwen2.5-Math-1.5B: SFT 2e-5, RS 5e-6, DPO 5e-7, KTO 5e-8, OREO 5e-6; a LoRA critic at 1e-4 for 7B). Flags override.
 DEFAULT_BETA = {"oreo": 0.03, "dpo": 0.1, "kto": 0.1}
 DEFAULT_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.3}
 PAPER_LR = {"oreo": 5e-6, "sft": 2e-5, "rs": 5e-6, "dpo": 5e-7, "kto": 5e-8}
@@ -320,8 +320,9 @@ def load_examples(args, tokenizer):
     if args.data:
         trajectories = data.load_trajectories(args.data)
     else:
+        # DPO pairs two responses of one prompt: there, two demonstrations per problem
         trajectories = data.builtin_demonstrations(data.builtin_problems(args.builtin_problems, args.seed, "train"),
-                                                   args.seed)
+                                                   args.seed, per_problem=2 if args.loss == "dpo" else 1)
     if args.loss == "rs":
         trajectories = data.rejection_sampling(trajectories)
     delimiters = data.STEP_DELIMITERS[args.delimiters]

@@ -81,6 +81,15 @@ def test_torchrun_two_processes_without_batch_flags_train_like_one_process(tmp_p
         assert os.path.exists(tmp_path / "two" / folder / "config.json")
 
 
+@pytest.mark.parametrize("loss", ["oreo", "sft", "rs", "dpo", "kto"])
+def test_every_loss_finds_training_examples_in_the_builtin_task(loss):
+    args = oreo.parse_args(["--loss", loss, "--builtin-problems", "200"])
+    examples, _ = oreo.load_examples(args, data.Tokenizer.byte_level())
+    assert len(examples) >= args.batch_size, f"--loss {loss}: {len(examples)} examples"
+    if loss == "dpo":
+        assert all(chosen.reward == 1 and rejected.reward == 0 for chosen, rejected in examples)
+
+
 def test_an_impossible_batch_under_torchrun_is_printed_once_without_our_traceback(tmp_path):
     p = launch("oreo.py", ["--micro-batch-size", "32", "--out", str(tmp_path)], nproc=2)
     assert p.returncode != 0
