@@ -7,6 +7,8 @@ tokenizer.py, answer extraction and grading in grading.py (both re-exported here
 """
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -19,6 +21,45 @@ import torch
 
 from grading import extract_answer, grade, is_equiv, last_boxed  # noqa: F401  (re-exported: data.grade etc.)
 from tokenizer import GPT2_PATTERN, Tokenizer  # noqa: F401  (re-exported: data.Tokenizer)
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors a user can cause: one line and exit status 2 at the command line, no traceback
+
+class UserError(ValueError):
+    """A mistake in what the user gave (a file, a folder, an option) that they can fix. A command line run through
+    cli() prints it as one line, 'prog: error: ...', and exits with status 2; every other exception is a bug and
+    keeps its traceback."""
+
+
+@contextlib.contextmanager
+def as_user_error():
+    """Errors raised inside are the user's: model.py and tokenizer.py import nothing of ours, so reading a checkpoint
+    or tokenizer folder raises ValueError / OSError (with the file named); wrap such reads of user input only."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from e
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown option, bad value) are UserErrors, so they print the same one line."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def cli(prog, main, argv=None):
+    """Run a command line's main(argv): a UserError stops it with 'prog: error: ...' on stderr and exit status 2.
+    Under torchrun every rank meets the same error (they read the same options and files): rank 0 prints it."""
+    try:
+        return main(argv)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompt formats
@@ -51,28 +92,28 @@ ROLES = ("system", "user", "assistant", "tool", "observation", "environment")
 def read_jsonl(path):
     """[(line number, dict)], stopping at the first bad line with an error that names file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with as_user_error(), open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append((n, row))
     if not rows:
-        raise ValueError(f"{path}: empty file (no JSON lines)")
+        raise UserError(f"{path}: empty file (no JSON lines)")
     return rows
 
 
 def _field(row, key, path, n, kind=str):
     if key not in row:
-        raise ValueError(f"{path}:{n}: missing field {key!r} (has {sorted(row)})")
+        raise UserError(f"{path}:{n}: missing field {key!r} (has {sorted(row)})")
     if not isinstance(row[key], kind):
         kinds = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ValueError(f"{path}:{n}: field {key!r} should be {kinds}, got {type(row[key]).__name__}")
+        raise UserError(f"{path}:{n}: field {key!r} should be {kinds}, got {type(row[key]).__name__}")
     return row[key]
 
 
@@ -87,16 +128,16 @@ def load_problems(path):
             question = _field(row, "problem", path, n)
             gold = str(row["answer"]) if "answer" in row else last_boxed(_field(row, "solution", path, n))
             if gold is None:
-                raise ValueError(f"{path}:{n}: the solution has no \\boxed{{...}} answer")
+                raise UserError(f"{path}:{n}: the solution has no \\boxed{{...}} answer")
         elif "question" in row:
             question, answer = _field(row, "question", path, n), _field(row, "answer", path, n)
             if "####" not in answer:
-                raise ValueError(f"{path}:{n}: a GSM8K answer should end with '#### <number>'")
+                raise UserError(f"{path}:{n}: a GSM8K answer should end with '#### <number>'")
             gold = answer.split("####")[-1].strip().replace(",", "")
         elif "prompt" in row:
             question, gold = _field(row, "prompt", path, n), _field(row, "answer", path, n, (str, int, float))
         else:
-            raise ValueError(f"{path}:{n}: a problem needs 'question'+'answer' (GSM8K), 'problem'+'solution' "
+            raise UserError(f"{path}:{n}: a problem needs 'question'+'answer' (GSM8K), 'problem'+'solution' "
                              f"(MATH) or 'prompt'+'answer'; has {sorted(row)}")
         problems.append({"id": str(row.get("id", row.get("unique_id", f"{os.path.basename(path)}:{n}"))),
                          "question": question, "gold": str(gold)})
@@ -111,14 +152,14 @@ def load_trajectories(path):
             messages = _field(row, "messages", path, n, list)
             for k, m in enumerate(messages):
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{path}:{n}: messages[{k}] needs a role in {ROLES} and a string content")
+                    raise UserError(f"{path}:{n}: messages[{k}] needs a role in {ROLES} and a string content")
             if not any(m["role"] == "assistant" for m in messages):
-                raise ValueError(f"{path}:{n}: no assistant message, so nothing to learn")
+                raise UserError(f"{path}:{n}: no assistant message, so nothing to learn")
         else:
             _field(row, "prompt", path, n), _field(row, "response", path, n)
         reward = _field(row, "reward", path, n, (int, float))
         if isinstance(reward, bool) or not math.isfinite(reward):
-            raise ValueError(f"{path}:{n}: reward should be a finite number, got {reward!r}")
+            raise UserError(f"{path}:{n}: reward should be a finite number, got {reward!r}")
         trajectories.append({**row, "reward": float(reward)})
     return trajectories
 
@@ -151,32 +192,40 @@ class Example:
     truncated: bool  # cut to max_len (the count is reported by the trainer, never silently)
 
 
-def _step_starts(tokenizer, ids, delimiters):
-    """A step is a maximal run of action tokens ended by a delimiter: the first token starts a step, and so does
-    every token that follows one in which a delimiter ends. A delimiter inside a token counts ('.\\n' as one
-    token ends its step). This is where search.py stops a step while sampling, so training and search agree;
-    with '. ' the space usually begins the next word's token (' Then'), and that token still ends its step."""
+STEP_START_RULES = ("ours", "official")
+
+
+def _step_starts(tokenizer, ids, delimiters, rule="ours"):
+    """A step is a maximal run of action tokens ended by a delimiter; the first token starts a step.
+    "ours": so does every token that follows one in which a delimiter ends. A delimiter inside a token counts
+    ('.\\n' as one token ends its step). This is where search.py stops a step while sampling, so training and search
+    agree; with '. ' the space usually begins the next word's token (' Then'), and that token still ends its step.
+    "official" (the official code's --step_level): the token holding the first character after a delimiter starts
+    the next step, so ' Then' after '. ' begins it. The two differ only where a delimiter ends inside a token."""
+    if rule not in STEP_START_RULES:
+        raise ValueError(f"step start rule {rule!r}: use one of {STEP_START_RULES}")
     pieces = tokenizer.token_bytes(ids)
     text = b"".join(pieces)
-    last_byte = bytearray(len(text))  # 1 at the last byte of every delimiter occurrence
+    shift = 0 if rule == "ours" else 1
+    marked = bytearray(len(text) + 1)  # ours: the last byte of every delimiter; official: the byte after it
     for d in delimiters:
         d = d.encode()
         k = text.find(d)
         while k >= 0:
-            last_byte[k + len(d) - 1] = 1
+            marked[k + len(d) - 1 + shift] = 1
             k = text.find(d, k + len(d))
-    starts, offset = [True], 0
-    for piece in pieces[:-1]:
-        starts.append(any(last_byte[offset:offset + len(piece)]))
-        offset += len(piece)
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    holds = [any(marked[e - len(p):e]) for p, e in zip(pieces, ends)]  # token k holds a marked byte
+    # ours: token k starts a step iff token k-1 holds a delimiter's end; official: iff token k holds the byte after
+    starts = [True] + (holds[:-1] if rule == "ours" else holds[1:])
     return starts[:len(ids)]
 
 
-def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",)):
-    """Tokens, action mask and step starts of one trajectory. Prompt/response form: the response and the token
-    that ends it are actions. Agent form: only assistant turns and the token that ends each (<|im_end|> in ChatML,
-    else EOS) are actions; system, user and environment turns never are. An end token joins its turn's last step
-    (or starts its own when the turn ends with a delimiter)."""
+def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",), step_start="ours"):
+    """Tokens, action mask and step starts (rule `step_start`, see _step_starts) of one trajectory. Prompt/response
+    form: the response and the token that ends it are actions. Agent form: only assistant turns and the token that
+    ends each (<|im_end|> in ChatML, else EOS) are actions; system, user and environment turns never are. An end
+    token joins its turn's last step (or starts its own when the turn ends with a delimiter)."""
     segments = []  # (ids, is_action): an action segment is one turn, its end token included
     if tokenizer.add_bos:
         segments.append(([tokenizer.bos_id], False))
@@ -206,11 +255,11 @@ def encode_trajectory(tokenizer, traj, max_len, delimiters=("\n",)):
     for seg_ids, act in segments:
         ids += seg_ids
         action += [act] * len(seg_ids)
-        start += _step_starts(tokenizer, seg_ids, delimiters) if act else [False] * len(seg_ids)
+        start += _step_starts(tokenizer, seg_ids, delimiters, step_start) if act else [False] * len(seg_ids)
     truncated = len(ids) > max_len
     ids, action, start = ids[:max_len], action[:max_len], start[:max_len]
     if not any(action[1:]):
-        raise ValueError(f"trajectory {traj.get('id', '')!r}: no action token within max_len={max_len} "
+        raise UserError(f"trajectory {traj.get('id', '')!r}: no action token within max_len={max_len} "
                          f"(the prompt alone has about {len(ids)} tokens); raise --max-len")
     return Example(ids=ids, mask=[int(a) for a in action[1:]], step_start=start[1:],
                    reward=float(traj["reward"]), truncated=truncated)
@@ -270,7 +319,7 @@ class Sampler:
     def load_state_dict(self, state):
         for key, mine in (("n_examples", self.n), ("global_batch", self.global_batch), ("seed", self.seed)):
             if state[key] != mine:
-                raise ValueError(f"Sampler: resuming with {key}={mine}, but the checkpoint has {state[key]}")
+                raise UserError(f"Sampler: resuming with {key}={mine}, but the checkpoint has {state[key]}")
         self.step = state["step"]
 
 
@@ -360,7 +409,7 @@ def builtin_demonstrations(problems, seed, per_problem=1, p_misread=0.7):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Data utilities.")
+    parser = ArgumentParser(description="Data utilities.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("builtin", help="write the built-in task: problems_{train,val,test}.jsonl and demos.jsonl")
     p.add_argument("out_dir")
@@ -385,4 +434,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli("data.py", main)

@@ -637,3 +637,60 @@ class ValueModel(nn.Module):
             save_file({"weight": self.head.weight.detach().contiguous().cpu()}, str(tmp / "value_head.safetensors"))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA for the value model (Hu et al. 2021; the paper trains its 7B critic with rank 64, α 64)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (α/r)·ΔW x with ΔW = [B_1 A_1; B_2 A_2; ...]: a frozen Linear plus a trainable rank-r update for
+    each block of its output rows, so that the fused qkv (and Llama's fused [gate; up]) get one update per Hugging Face
+    projection, as LoRA on q_proj, k_proj and v_proj would. B starts at zero: the model starts as the base."""
+
+    def __init__(self, base, rank, alpha, splits):
+        super().__init__()
+        assert sum(splits) == base.out_features, (splits, base.out_features)
+        self.base, self.splits, self.rank, self.scale = base, tuple(splits), rank, alpha / rank
+        base.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(len(splits) * rank, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise A
+
+    def delta_weight(self):
+        """(α/r)·ΔW, shaped like base.weight (out, in): row block i is B_i A_i."""
+        A = self.lora_A.view(len(self.splits), self.rank, -1)                   # (n, r, in)
+        return self.scale * torch.cat([b @ a for b, a in zip(self.lora_B.split(self.splits), A)])
+
+    def forward(self, x):
+        h = F.linear(x, self.lora_A).unflatten(-1, (len(self.splits), self.rank))   # (..., n, r)
+        update = torch.cat([F.linear(h[..., i, :], b) for i, b in enumerate(self.lora_B.split(self.splits))], -1)
+        return self.base(x) + self.scale * update
+
+
+def add_lora(model, rank, alpha=None):
+    """Freeze a Transformer and wrap the linear layers of every block in LoRALinear (α = rank unless given): only
+    the lora_A / lora_B tensors train. GPT-2's c_attn is one Hugging Face projection, so it gets one update."""
+    model.requires_grad_(False)
+    c, alpha = model.config, alpha or rank
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        q, kv = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
+        attn.qkv = LoRALinear(attn.qkv, rank, alpha, (q + 2 * kv,) if mlp.gpt2 else (q, kv, kv))
+        attn.proj = LoRALinear(attn.proj, rank, alpha, (c.d_model,))
+        mlp.fc = LoRALinear(mlp.fc, rank, alpha, (c.d_ff,) if mlp.gpt2 else (c.d_ff, c.d_ff))
+        mlp.proj = LoRALinear(mlp.proj, rank, alpha, (c.d_model,))
+    return model
+
+
+def merge_lora(model):
+    """Fold every LoRALinear back into its Linear, W ← W + (α/r)·ΔW, in place: the model is then a plain one and
+    saves as a normal checkpoint folder."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight += child.delta_weight().to(child.base.weight.dtype)
+                setattr(module, name, child.base)
+    return model

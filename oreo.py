@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 import data
 import kernels
-from model import Config, Transformer, ValueModel
+from model import Config, Transformer, ValueModel, add_lora, merge_lora
 
 # ----------------------------------------------------------------------------------------------------------
 # The losses
@@ -42,7 +42,7 @@ def masked_mean(x, mask):
     return ((mask * x).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step_start=None):
+def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step_start=None, value_mask=None):
     """
     OREO's policy and value losses (DESIGN.md §1), without the KL term (the trainer adds it).
 
@@ -51,6 +51,7 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
     rewards:        (B,)   terminal reward R
     mask:           (B, T) 1 where x_{j+1} is an action token
     step_start:     (B, T) bool, True at the state before each step's first token (variant "step" only)
+    value_mask:     (B, T) the states the value loss trains (default: mask; the official step level: step_start)
     Returns (policy_loss, value_loss): the policy loss only sends gradient into logp, the value loss only into
     values.
     """
@@ -69,7 +70,7 @@ def oreo_loss(logp, ref_logp, values, rewards, mask, beta, variant="token", step
 
     # Value loss: res_V[j] = β·acc[j] + V(s_j) − R; the log-probs are constants here.
     res_v = beta * acc_sg + values - R
-    value_loss = masked_mean(res_v**2, mask)
+    value_loss = masked_mean(res_v**2, mask if value_mask is None else value_mask.to(logp.dtype))
 
     if variant == "token":
         # Token-level policy loss: res_π[j] = β·(sg(acc[j+1]) + logp[j] − ref_logp[j]) + sg(V(s_j)) − R,
@@ -177,8 +178,12 @@ def kl_term(kind, token_kl, logp, ref_logp, mask):
     return masked_mean(kl, mask)
 
 
-def nll_loss(logp, mask):
-    """SFT and RS: negative log-likelihood of the response tokens (per-sequence mean, then batch mean)."""
+def nll_loss(logp, mask, mean="sequence"):
+    """SFT and RS: negative log-likelihood of the response tokens. "sequence": each sequence's token mean, then the
+    batch mean (every sequence weighs the same, and the loss does not depend on how the batch is cut into
+    micro-batches); "token": the official code's token mean over the micro-batch (long responses weigh more)."""
+    if mean == "token":
+        return (mask * -logp).sum() / mask.sum().clamp(min=1)
     return masked_mean(-logp, mask)
 
 
@@ -205,9 +210,13 @@ def kto_loss(logp, ref_logp, mask, rewards, beta, lambda_desirable=1.0, lambda_u
 # ----------------------------------------------------------------------------------------------------------
 # Options
 
-# The paper's β and α per loss and variant (DESIGN.md §1); an explicit --beta/--alpha overrides them.
+# The paper's β, α and learning rates per loss and variant (DESIGN.md §1 and the paper's appendix A.3, for
+# Qwen2.5-Math-1.5B: SFT 2e-5, RS 5e-6, DPO 5e-7, KTO 5e-8, OREO 5e-6; a LoRA critic at 1e-4 for 7B). Flags override.
 DEFAULT_BETA = {"oreo": 0.03, "dpo": 0.1, "kto": 0.1}
 DEFAULT_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.3}
+PAPER_LR = {"oreo": 5e-6, "sft": 2e-5, "rs": 5e-6, "dpo": 5e-7, "kto": 5e-8}
+PAPER_LORA_VALUE_LR = 1e-4
+BUILTIN_LR = 1e-3  # the tiny built-in model learns from scratch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -216,13 +225,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="OREO and its baselines (SFT, RS, DPO, KTO) on offline trajectories.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = data.ArgumentParser(description="OREO and its baselines (SFT, RS, DPO, KTO) on offline trajectories.",
+                            formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="trajectories .jsonl ({prompt, response, reward} or {messages, reward}); "
                    "without it, graded demonstrations of the built-in task")
     g.add_argument("--delimiters", default="gsm8k", choices=sorted(data.STEP_DELIMITERS),
                    help="step delimiters for --variant step: gsm8k = newline; math = newline, '. ', '.$ '")
+    g.add_argument("--step-start", default="ours", choices=["ours", "official"],
+                   help="--variant step: ours = a step starts at the token after the one in which a delimiter ends, "
+                   "the value trains at every action state; official = a step starts at the token holding the "
+                   "character after a delimiter (' Then' after '. '), the value trains at step starts only")
     g.add_argument("--max-len", type=int, default=2048, help="tokens per sequence (prompt + response); longer are cut")
     g.add_argument("--builtin-problems", type=int, default=2000, help="built-in task: number of training problems")
 
@@ -231,6 +244,8 @@ def parse_args(argv=None):
                    "without it, a tiny built-in Llama-family model from scratch with the byte tokenizer")
     g.add_argument("--ref", help="a different checkpoint folder for the frozen reference (default: --init)")
     g.add_argument("--init-value", help="a different folder for the value model, e.g. OUT/value of an earlier run")
+    g.add_argument("--value-lora", type=int, metavar="R", help="train the value model's linear layers as rank-R "
+                   "LoRA (α = R) plus its head, the rest frozen (paper, 7B: 64); value/ is exported merged")
     g.add_argument("--n-layer", type=int, help="built-in model: blocks (default 4)")
     g.add_argument("--d-model", type=int, help="built-in model: width (default 96)")
     g.add_argument("--n-head", type=int, help="built-in model: attention heads (default 4)")
@@ -245,14 +260,19 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=float, help="OREO KL weight α (default: token 0.01, step 0.1, response 0.3)")
     g.add_argument("--kl", choices=["full", "k3", "none"], help="OREO KL term: full-vocabulary (default), "
                    "sampled-token k3 estimator, or none")
+    g.add_argument("--nll-mean", choices=["sequence", "token"], help="sft/rs loss: mean over each sequence's tokens, "
+                   "then over sequences (default; independent of the micro-batch size), or the official token mean "
+                   "over the micro-batch")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="policy peak learning rate (default 5e-6 with --init, 1e-3 built-in)")
-    g.add_argument("--value-lr", type=float, help="value peak learning rate (default: as --lr)")
+    g.add_argument("--lr", type=float, help="policy peak learning rate (default with --init, the paper's: oreo 5e-6, "
+                   "sft 2e-5, rs 5e-6, dpo 5e-7, kto 5e-8; built-in model 1e-3)")
+    g.add_argument("--value-lr", type=float, help="value peak learning rate (default: as --lr; 1e-4 with --value-lora)")
     g.add_argument("--batch-size", type=int, help="global batch in sequences, pairs for dpo "
                    "(default 128 with --init, 32 built-in)")
-    g.add_argument("--micro-batch-size", type=int, help="sequences per forward per process (default 4 with --init, "
-                   "32 built-in); gradient accumulation = batch / (micro-batch × processes)")
+    g.add_argument("--micro-batch-size", type=int, help="sequences per forward per process (default: up to 4 with "
+                   "--init, 32 built-in, the largest that divides batch / processes); gradient accumulation = batch "
+                   "/ (micro-batch × processes)")
     g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     g.add_argument("--warmup", type=float, default=0.03, help="fraction of steps of linear warm-up before the cosine")
@@ -270,17 +290,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     def reject(msg):
-        p.error(msg)  # prints usage and exits with status 2
+        raise data.UserError(msg)
 
     builtin = args.init is None
     if args.loss != "oreo":
-        for name in ("variant", "alpha", "kl", "value_lr", "init_value"):
+        for name in ("variant", "alpha", "kl", "value_lr", "init_value", "value_lora"):
             if getattr(args, name) is not None:
                 reject(f"--{name.replace('_', '-')} only applies to --loss oreo, not --loss {args.loss}")
     if args.loss in ("sft", "rs"):
         for name in ("beta", "ref"):
             if getattr(args, name) is not None:
                 reject(f"--{name} needs a reference model; --loss {args.loss} has none")
+    elif args.nll_mean is not None:
+        reject(f"--nll-mean only applies to --loss sft and rs, not --loss {args.loss}")
+    if args.step_start != "ours" and args.variant != "step":
+        reject("--step-start only applies to --variant step")
     if not builtin:
         for name in ("n_layer", "d_model", "n_head"):
             if getattr(args, name) is not None:
@@ -289,7 +313,7 @@ def parse_args(argv=None):
         reject("--ref and --init-value need --init (the built-in model starts from one random initialisation)")
     if args.epochs is not None and args.max_steps is not None:
         reject("give --epochs or --max-steps, not both")
-    for name in ("max_len", "batch_size", "micro_batch_size", "max_steps", "builtin_problems"):
+    for name in ("max_len", "batch_size", "micro_batch_size", "max_steps", "builtin_problems", "value_lora"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             reject(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.save_every < 0:
@@ -299,14 +323,40 @@ def parse_args(argv=None):
     args.beta = args.beta if args.beta is not None else DEFAULT_BETA.get(args.loss)
     args.alpha = args.alpha if args.alpha is not None else DEFAULT_ALPHA[args.variant]
     args.kl = args.kl or ("full" if args.loss == "oreo" else "none")
-    args.lr = args.lr or (1e-3 if builtin else 5e-6)
-    args.value_lr = args.value_lr or args.lr
+    args.nll_mean = args.nll_mean or "sequence"
+    args.lr = args.lr or (BUILTIN_LR if builtin else PAPER_LR[args.loss])
+    args.value_lr = args.value_lr or (PAPER_LORA_VALUE_LR if args.value_lora and not builtin else args.lr)
     args.batch_size = args.batch_size or (32 if builtin else 128)
-    args.micro_batch_size = args.micro_batch_size or min(args.batch_size, 32 if builtin else 4)
+    args.micro_batch_size = micro_batch_size(args.batch_size, args.micro_batch_size, 32 if builtin else 4,
+                                             int(os.environ.get("WORLD_SIZE", 1)))
     args.epochs = args.epochs if args.epochs is not None else 1.0
     args.n_layer, args.d_model, args.n_head = args.n_layer or 4, args.d_model or 96, args.n_head or 4
     args.out = args.out or os.path.join("out", args.loss)
     return args
+
+
+def micro_batch_size(batch, micro, default_micro, world_size):
+    """The micro-batch per process for a global batch of `batch` on world_size processes. Without --micro-batch-size
+    it follows the world size: the largest divisor of batch / world_size up to default_micro, so the same command is
+    the same computation on 1, 2 or 8 processes. An impossible explicit choice is refused with what would work."""
+    if batch % world_size:
+        lower = batch // world_size * world_size
+        raise data.UserError(f"--batch-size {batch} cannot be shared by {world_size} processes: use a multiple of "
+                             f"{world_size}, e.g. --batch-size {lower or world_size}" +
+                             (f" or {lower + world_size}" if lower else ""))
+    per_rank = batch // world_size
+    divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+    if micro is None:
+        return max(d for d in divisors if d <= default_micro)
+    if per_rank % micro:
+        fits = [d for d in divisors if d <= micro]
+        step = micro * world_size
+        larger = (batch // step + 1) * step
+        raise data.UserError(f"--batch-size {batch} is not a multiple of --micro-batch-size {micro} × {world_size} "
+                             f"process(es) = {step}: use --micro-batch-size {fits[-1]} (or another divisor of "
+                             f"{per_rank}), or --batch-size {larger}" +
+                             (f" or {larger - step}" if larger > step else ""))
+    return micro
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,14 +368,15 @@ def load_examples(args, tokenizer):
     if args.data:
         trajectories = data.load_trajectories(args.data)
     else:
+        # DPO pairs two responses of one prompt: there, two demonstrations per problem
         trajectories = data.builtin_demonstrations(data.builtin_problems(args.builtin_problems, args.seed, "train"),
-                                                   args.seed)
+                                                   args.seed, per_problem=2 if args.loss == "dpo" else 1)
     if args.loss == "rs":
         trajectories = data.rejection_sampling(trajectories)
     delimiters = data.STEP_DELIMITERS[args.delimiters]
 
     def encode(t):
-        return data.encode_trajectory(tokenizer, t, args.max_len, delimiters)
+        return data.encode_trajectory(tokenizer, t, args.max_len, delimiters, args.step_start)
 
     if args.loss == "dpo":
         examples = [(encode(c), encode(r)) for c, r in data.dpo_pairs(trajectories, seed=args.seed)]
@@ -335,7 +386,7 @@ def load_examples(args, tokenizer):
         truncated = sum(e.truncated for e in examples)
     if not examples:
         what = {"rs": "no reward-1 response", "dpo": "no prompt with both a correct and a wrong response"}
-        sys.exit(f"oreo.py: {source}: {what.get(args.loss, 'no trajectory')} to train --loss {args.loss} on")
+        raise data.UserError(f"{source}: {what.get(args.loss, 'no trajectory')} to train --loss {args.loss} on")
     return examples, truncated
 
 
@@ -351,29 +402,36 @@ def build_models(args, tokenizer, device):
     """Policy π_θ, frozen reference π_ref (None for sft/rs) and value model V_φ (None unless oreo)."""
     torch.manual_seed(args.seed)  # the same initialisation on every rank (FSDP does not broadcast it)
     if args.init:
-        policy = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
+        with data.as_user_error():
+            policy = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
     else:
         policy = Transformer(builtin_config(args, tokenizer.vocab_size)).to(device)
     if args.max_len > policy.config.max_seq_len:
-        sys.exit(f"oreo.py: --max-len {args.max_len} is longer than the model's {policy.config.max_seq_len} "
-                 f"positions (max_position_embeddings / n_positions in {args.init}/config.json): lower --max-len")
-    # The reference is frozen, so on a GPU it can live in bf16 (half the memory of the fp32 policy).
-    ref_dtype = torch.bfloat16 if "cuda" in str(device) else torch.float32
+        raise data.UserError(f"--max-len {args.max_len} is longer than the model's {policy.config.max_seq_len} "
+                             f"positions (max_position_embeddings / n_positions in {args.init}/config.json): lower "
+                             "--max-len")
+    # The reference keeps the policy's fp32 weights, although it is frozen: under bf16 autocast it then computes
+    # exactly what the policy's forward computes, so log π_θ − log π_ref is exactly 0 at step 0. A bf16 copy (half
+    # the memory) keeps a bf16 residual stream and norms and is off by a fraction of a nat per sequence
+    # (bench/ref_precision.py measures it).
     reference = value = None
     if args.loss != "sft" and args.loss != "rs":
         if args.init:
-            reference = Transformer.from_pretrained(args.ref or args.init, dtype=ref_dtype, device=device)
+            with data.as_user_error():
+                reference = Transformer.from_pretrained(args.ref or args.init, dtype=torch.float32, device=device)
         else:
             reference = Transformer(policy.config).to(device=device)
             reference.load_state_dict(policy.state_dict())
-            reference.to(ref_dtype)
         reference.requires_grad_(False).eval()
     if args.loss == "oreo":
         if args.init:
-            value = ValueModel.from_pretrained(args.init_value or args.init, dtype=torch.float32, device=device)
+            with data.as_user_error():
+                value = ValueModel.from_pretrained(args.init_value or args.init, dtype=torch.float32, device=device)
         else:
             value = ValueModel(policy.config).to(device)  # the head starts at zero
             value.backbone.load_state_dict(policy.state_dict())
+        if args.value_lora:
+            add_lora(value.backbone, args.value_lora)  # the head stays trainable; the rest of the backbone freezes
     return policy, reference, value
 
 
@@ -402,8 +460,9 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def export(model, cls, folder, tokenizer, fsdp, master):
-    """save_pretrained an unwrapped, unsharded copy (for search.py and transformers)."""
+def export(model, cls, folder, tokenizer, fsdp, master, lora_rank=None):
+    """save_pretrained an unwrapped, unsharded copy (for search.py and transformers). A LoRA value model is saved
+    merged (W + (α/r)·BA, in place: export comes last), so value/ is a normal folder."""
     if fsdp:
         state = get_model_state_dict(model, options=FULL)  # a collective: every rank takes part
         if not master:
@@ -411,19 +470,47 @@ def export(model, cls, folder, tokenizer, fsdp, master):
         config = model.config if cls is Transformer else model.backbone.config
         with torch.device("meta"):  # no random initialisation, no second copy of the weights
             model = cls(config)
+            if lora_rank:
+                add_lora(model.backbone, lora_rank)
         model.load_state_dict(state, assign=True)
     if master:
+        if lora_rank:
+            merge_lora(model)
         model.save_pretrained(folder, tokenizer=tokenizer)
 
 
 # Options that change the result: a resumed run must use the same ones as the run that wrote the checkpoint.
-RESUME_MUST_MATCH = ("data", "delimiters", "max_len", "builtin_problems", "init", "ref", "init_value", "n_layer",
-                     "d_model", "n_head", "loss", "variant", "beta", "alpha", "kl", "lr", "value_lr", "batch_size",
-                     "epochs", "max_steps", "warmup", "grad_clip", "seed")
+RESUME_MUST_MATCH = ("data", "delimiters", "step_start", "max_len", "builtin_problems", "init", "ref", "init_value",
+                     "value_lora", "n_layer", "d_model", "n_head", "loss", "variant", "beta", "alpha", "kl", "nll_mean",
+                     "lr", "value_lr", "batch_size", "epochs", "max_steps", "warmup", "grad_clip", "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
+
+def settings_line(args, value):
+    """The effective method and optimisation settings (defaults filled in), printed at the start of a run."""
+    parts = [f"loss {args.loss}"]
+    if args.loss == "oreo":
+        parts.append(f"variant {args.variant}" + (f" (step starts {args.step_start}, delimiters {args.delimiters})"
+                                                  if args.variant == "step" else ""))
+        parts.append(f"β {args.beta}, α {args.alpha}, KL {args.kl}")
+    elif args.beta is not None:
+        parts.append(f"β {args.beta}")
+    if args.loss in ("sft", "rs"):
+        parts.append(f"NLL mean per {args.nll_mean}")
+    parts.append(f"lr {args.lr:g}" + (f", value lr {args.value_lr:g}" if value is not None else "") +
+                 f" (AdamW 0.9/0.95, cosine, {args.warmup:.0%} warm-up, grad clip {args.grad_clip})")
+    if value is not None:
+        trained = sum(p.numel() for p in value.parameters() if p.requires_grad)
+        parts.append((f"value LoRA rank {args.value_lora}, " if args.value_lora else "value ") +
+                     f"{trained / 1e6:.2f}M trained params")
+    line = " | ".join(parts)
+    if args.loss == "oreo" and (args.variant == "token" or args.variant == "step" and args.step_start == "official"):
+        line += ("\n(the logged policy and value losses are the same number by construction: both residuals equal "
+                 "β·acc + V − R at the states both train; they differ only in which model gets the gradient)")
+    return line
+
 
 def get_lr(step, total_steps, peak_lr, warmup_frac):
     """Cosine schedule with linear warm-up over the first warmup_frac of the steps, decaying to 0."""
@@ -479,14 +566,18 @@ def forward_backward(policy, reference, value, batch, args, autocast, scale, fus
         # each model exactly its own loss's gradient, and both losses see the pre-update V and logp.
         with autocast:
             values = value(input_ids)[:, :-1]  # (B, L-1) fp32, V(s_j)
-        bellman = kernels.bellman_loss if logp.is_cuda else oreo_loss  # the Triton kernel, or its specification
-        policy_loss, value_loss = bellman(logp, ref_logp, values, rewards, mask, args.beta, args.variant,
-                                          batch["step_start"])
+        value_mask = batch["step_start"] if args.step_start == "official" else None
+        if logp.is_cuda and value_mask is None:  # the Triton kernel (it has no official step-start value loss)
+            policy_loss, value_loss = kernels.bellman_loss(logp, ref_logp, values, rewards, mask, args.beta,
+                                                           args.variant, batch["step_start"])
+        else:  # the specification
+            policy_loss, value_loss = oreo_loss(logp, ref_logp, values, rewards, mask, args.beta, args.variant,
+                                                batch["step_start"], value_mask)
         kl = kl_term(args.kl, token_kl, logp, ref_logp, mask) if args.kl != "none" else zero
         ((value_loss + policy_loss + args.alpha * kl) * scale).backward()
         return policy_loss.detach(), value_loss.detach(), kl.detach(), masked_mean(values.detach(), mask)
     if args.loss in ("sft", "rs"):
-        loss = nll_loss(logp, mask)
+        loss = nll_loss(logp, mask, args.nll_mean)
     elif args.loss == "dpo":
         loss = dpo_loss(logp, ref_logp, mask, args.beta)
     else:
@@ -511,19 +602,17 @@ def main(argv=None):
     else:
         device = torch.device("cuda" if use_cuda else "cpu")
     if args.fsdp and not ddp:
-        sys.exit("oreo.py: --fsdp shards over processes: launch with torchrun (e.g. --nproc_per_node=8)")
+        raise data.UserError("--fsdp shards over processes: launch with torchrun (e.g. --nproc_per_node=8)")
     master = rank == 0
-    micro, per_rank = args.micro_batch_size, args.batch_size // world_size
-    if args.batch_size % (micro * world_size):
-        sys.exit(f"oreo.py: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {micro} × "
-                 f"{world_size} processes")
-    grad_accum = per_rank // micro
+    micro = args.micro_batch_size  # parse_args fitted it to the world size (micro_batch_size)
+    grad_accum = args.batch_size // world_size // micro
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    tokenizer = data.Tokenizer.from_pretrained(args.init) if args.init else data.Tokenizer.byte_level()
+    with data.as_user_error():
+        tokenizer = data.Tokenizer.from_pretrained(args.init) if args.init else data.Tokenizer.byte_level()
     examples, n_truncated = load_examples(args, tokenizer)
     policy, reference, value = build_models(args, tokenizer, device)
     torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own random numbers
@@ -551,13 +640,14 @@ def main(argv=None):
         policy = DDP(policy, device_ids=device_ids)
         value = value and DDP(value, device_ids=device_ids)
     trained = [(policy, raw_policy, args.lr)] + ([(value, raw_value, args.value_lr)] if value is not None else [])
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                                    weight_decay=0.0,
                                     fused=use_cuda and not args.fsdp) for m, _, lr in trained]
 
     sampler = data.Sampler(len(examples), args.batch_size, args.seed, rank=rank, world_size=world_size)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
-        sys.exit(f"oreo.py: {len(examples)} training examples, fewer than --batch-size {args.batch_size}")
+        raise data.UserError(f"{len(examples)} training examples, fewer than --batch-size {args.batch_size}")
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 
     # --- resume: models, optimizers, data position, every rank's random state, and the step (the schedule's state)
@@ -569,7 +659,7 @@ def main(argv=None):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # no full copy per rank
         changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != getattr(args, k)]
         if changed:
-            sys.exit(f"oreo.py: --resume: {ckpt_path} was written with different " + ", ".join(
+            raise data.UserError(f"--resume: {ckpt_path} was written with different " + ", ".join(
                 f"--{k.replace('_', '-')} ({ckpt['args'].get(k)!r} there, {getattr(args, k)!r} now)" for k in changed))
         for (_, raw, _), opt, name in zip(trained, optimizers, ("policy", "value")):
             set_model_state_dict(raw, ckpt[name], options=StateDictOptions(full_state_dict=True))
@@ -616,8 +706,8 @@ def main(argv=None):
     if master:
         print(f"{len(examples)} examples ({n_truncated} cut at --max-len {args.max_len}) | {n_params / 1e6:.2f}M "
               f"params | {world_size} process(es) on {device.type} | batch {args.batch_size} = {micro} × "
-              f"{grad_accum} accumulation × {world_size} | {total_steps} steps | loss {args.loss}"
-              + (f" ({args.variant}, β {args.beta}, α {args.alpha}, KL {args.kl})" if args.loss == "oreo" else ""))
+              f"{grad_accum} accumulation × {world_size} | {total_steps} steps")
+        print("settings: " + settings_line(args, raw_value), flush=True)
 
     def to_device(batch):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -664,13 +754,13 @@ def main(argv=None):
             (f"{name} gradient norm", norm) for name, norm in zip(("policy", "value"), grad_norms)]
         bad = [f"{name} {x}" for name, x in checks if not math.isfinite(x)]
         if bad:
-            msg = (f"oreo.py: step {step + 1}: non-finite {', '.join(bad)}; stopped before the optimizer step. "
+            msg = (f"step {step + 1}: non-finite {', '.join(bad)}; stopped before the optimizer step. "
                    + (f"The last good checkpoint is {ckpt_path} (step {last_saved}); resume from it with a lower "
                       "--lr/--value-lr, or check the data." if last_saved is not None else
                       "No checkpoint was written yet; lower --lr/--value-lr or check the data."))
             if ddp:
                 dist.destroy_process_group()
-            sys.exit(msg)
+            raise data.UserError(msg)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -704,7 +794,7 @@ def main(argv=None):
         checkpoint(total_steps)
     export(raw_policy, Transformer, os.path.join(args.out, "policy"), tokenizer, args.fsdp, master)
     if value is not None:
-        export(raw_value, ValueModel, os.path.join(args.out, "value"), tokenizer, args.fsdp, master)
+        export(raw_value, ValueModel, os.path.join(args.out, "value"), tokenizer, args.fsdp, master, args.value_lora)
     if master:
         print(f"saved {ckpt_path}, {args.out}/policy" + (f", {args.out}/value" if value is not None else ""))
     if ddp:
@@ -712,4 +802,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli("oreo.py", main)

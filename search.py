@@ -174,15 +174,16 @@ def compile_decode(model):
 
 def need_folder(folder, flag):
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{flag} {folder}: no such folder (expected a checkpoint folder with config.json, "
+        raise data.UserError(f"{flag} {folder}: no such folder (expected a checkpoint folder with config.json, "
                                 f"*.safetensors and tokenizer files)")
 
 
 def load_policy(folder, device, dtype):
     """(Transformer in eval mode, its data.Tokenizer) from a checkpoint folder."""
     need_folder(folder, "--policy")
-    tokenizer = data.Tokenizer.from_pretrained(folder)
-    return Transformer.from_pretrained(folder, dtype=dtype, device=device).eval(), tokenizer
+    with data.as_user_error():
+        tokenizer = data.Tokenizer.from_pretrained(folder)
+        return Transformer.from_pretrained(folder, dtype=dtype, device=device).eval(), tokenizer
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -200,19 +201,22 @@ def tokenizer_fingerprint(tokenizer):
 def load_value(folder, policy, tokenizer, policy_folder, device, dtype):
     """A ValueModel from folder, refused when its tokenizer (or vocabulary size) differs from the policy's."""
     need_folder(folder, "--value")
-    value_model = ValueModel.from_pretrained(folder, dtype=dtype, device=device).eval()
+    with data.as_user_error():
+        value_model = ValueModel.from_pretrained(folder, dtype=dtype, device=device).eval()
     ours, theirs = policy.config.vocab_size, value_model.backbone.config.vocab_size
     if ours != theirs:
-        raise ValueError(f"--value {folder} has vocab_size {theirs} but --policy {policy_folder} has {ours}: "
+        raise data.UserError(f"--value {folder} has vocab_size {theirs} but --policy {policy_folder} has {ours}: "
                          f"the value must be trained on the policy's tokenizer")
-    a, b = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(data.Tokenizer.from_pretrained(folder))
+    with data.as_user_error():
+        theirs = data.Tokenizer.from_pretrained(folder)
+    a, b = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(theirs)
     for key in a:
         if a[key] != b[key]:
             where = ""
             if key == "tokens":
                 i = next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y)
                 where = f" (first difference: token id {i} is {a[key][i]!r} vs {b[key][i]!r})"
-            raise ValueError(f"--policy {policy_folder} and --value {folder} have different tokenizers: "
+            raise data.UserError(f"--policy {policy_folder} and --value {folder} have different tokenizers: "
                              f"{key} differs{where}; a value model only scores the token ids it was trained on")
     return value_model
 
@@ -221,7 +225,7 @@ def read_problems(path):
     problems = data.load_problems(path)   # an empty file stops there, with its name
     repeated = [i for i, n in Counter(p["id"] for p in problems).items() if n > 1]
     if repeated:
-        raise ValueError(f"--problems {path}: problem id {repeated[0]!r} appears more than once (ids must be "
+        raise data.UserError(f"--problems {path}: problem id {repeated[0]!r} appears more than once (ids must be "
                          f"unique: collect uses them to resume)")
     return problems
 
@@ -255,7 +259,7 @@ def read_jsonl_lines(path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e}); delete the line or the file") from None
+                raise data.UserError(f"{path}:{n}: not valid JSON ({e}); delete the line or the file") from None
     return rows
 
 
@@ -359,7 +363,7 @@ def parse_methods(spec):
         if kind in ("greedy", "sample") and not width or kind in ("beam", "bestof") and width and int(width) > 0:
             methods.append((kind, int(width or 1)))
         else:
-            raise ValueError(f"--methods: unknown method {name!r}; use greedy, sample, beamB or bestofK "
+            raise data.UserError(f"--methods: unknown method {name!r}; use greedy, sample, beamB or bestofK "
                              f"(e.g. beam5, bestof4)")
     return methods
 
@@ -373,12 +377,15 @@ def parse_delimiters(spec):
     except json.JSONDecodeError:
         delimiters = None
     if not isinstance(delimiters, list) or not delimiters or not all(isinstance(d, str) and d for d in delimiters):
-        raise ValueError(f"--delimiters {spec!r}: use a preset ({', '.join(data.STEP_DELIMITERS)}) or a JSON list "
+        raise data.UserError(f"--delimiters {spec!r}: use a preset ({', '.join(data.STEP_DELIMITERS)}) or a JSON list "
                          f"of non-empty strings such as '[\"\\\\n\"]'")
     return tuple(delimiters)
 
 
 def evaluate(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise data.UserError("eval runs in one process: python search.py eval ... (under torchrun only collect "
+                             "shares its work between ranks)")
     device, dtype = device_and_dtype(args)
     methods = parse_methods(args.methods)
     delimiters = parse_delimiters(args.delimiters)
@@ -390,7 +397,7 @@ def evaluate(args):
     if args.value:
         value_model = load_value(args.value, policy, tokenizer, args.policy, device, dtype)
     elif any(kind in ("beam", "bestof") for kind, _ in methods):
-        raise ValueError("--methods beam*/bestof* need a value model: pass --value FOLDER")
+        raise data.UserError("--methods beam*/bestof* need a value model: pass --value FOLDER")
     prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in problems]
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     summary, per_problem, choice = {}, {}, {}
@@ -451,7 +458,7 @@ def evaluate(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and data")
@@ -503,4 +510,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli("search.py", main)

@@ -22,7 +22,8 @@ if [ "$MODE" = real ]; then
 cat <<'EOF'
 # ---- A real run: Qwen2.5-Math-1.5B (SFT'd) on GSM8K/MATH-style trajectories, the paper's settings -------------
 # β 0.03, α 0.01 (token level), lr 5e-6 for both models, AdamW (0.9, 0.95), cosine with 3% warm-up, global batch
-# 128 sequences, 1 epoch, max length 2048, bf16 — all defaults of oreo.py with --init.
+# 128 sequences, 1 epoch, max length 2048, bf16 — all defaults of oreo.py with --init. The baselines' paper learning
+# rates are their defaults too (sft 2e-5, rs 5e-6, dpo 5e-7, kto 5e-8); each run prints its settings first.
 SFT=ckpt/qwen2.5-math-1.5b-sft      # a Hugging Face folder: config.json, *.safetensors, tokenizer files
 DATA=data/math_train_k10.jsonl      # {prompt, response, reward} rows, e.g. from search.py collect
 
@@ -30,7 +31,8 @@ DATA=data/math_train_k10.jsonl      # {prompt, response, reward} rows, e.g. from
 torchrun --standalone --nproc_per_node=8 search.py collect --policy $SFT --problems data/math_train.jsonl \
     --prompt-style qwen-math -k 10 --temperature 1.0 --top-p 0.95 --max-new-tokens 1024 --out $DATA
 
-# One node, 8 GPUs (DDP): 128 = 4 sequences × 4 accumulation steps × 8 GPUs.
+# One node, 8 GPUs (DDP): 128 = 4 sequences × 4 accumulation steps × 8 GPUs (the micro-batch defaults to 4,
+# fewer when 128 / processes is smaller).
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --delimiters math \
     --micro-batch-size 4 --grad-checkpointing --out out/oreo-1.5b
 
@@ -41,15 +43,18 @@ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=$MASTER --mas
 torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
     oreo.py --init $SFT --data $DATA --delimiters math --micro-batch-size 4 --grad-checkpointing --out out/oreo-1.5b
 
-# 7B (DeepSeekMath-7B) does not fit replicated: shard the three models with FSDP2; the paper's critic lr 1e-4, 2 epochs.
-torchrun --standalone --nproc_per_node=8 oreo.py --init ckpt/deepseekmath-7b-sft --data $DATA --fsdp \
-    --grad-checkpointing --micro-batch-size 2 --value-lr 1e-4 --epochs 2 --out out/oreo-7b
+# 7B (DeepSeekMath-7B-Instruct) does not fit replicated: shard the three models with FSDP2; the paper's critic is
+# LoRA rank 64 (α 64) at lr 1e-4 (the --value-lora default), 2 epochs; value/ is written merged, a normal folder.
+torchrun --standalone --nproc_per_node=8 oreo.py --init ckpt/deepseekmath-7b-instruct --data $DATA --fsdp \
+    --grad-checkpointing --micro-batch-size 2 --value-lora 64 --value-lr 1e-4 --epochs 2 --out out/oreo-7b
 
-# Step-level OREO (α 0.1) and the baselines on the same data.
+# Step-level OREO (α 0.1) as the paper ran it (--step-start official: the official segmentation, the value trained
+# at step starts only), and the baselines on the same data (lr: rs 5e-6, dpo 5e-7, kto 5e-8 by default).
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --variant step --delimiters math \
-    --out out/oreo-step
+    --step-start official --out out/oreo-step
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss rs  --out out/rs
 torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss dpo --out out/dpo
+torchrun --standalone --nproc_per_node=8 oreo.py --init $SFT --data $DATA --loss kto --out out/kto
 
 # A preempted job: the same command with --resume continues exactly where ckpt.pt left off.
 # Evaluate: greedy with the policy, and value-guided step beam search (paper: B = 7 best).

@@ -352,11 +352,11 @@ def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(oreo, "oreo_loss", loss_with_a_nan)
     out = str(tmp_path / "nan")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(oreo.data.UserError) as e:
         oreo.main(["--data", traj_file, *TINY, "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6",
                    "--save-every", "1", "--out", out])
-    msg = str(e.value.code)
-    assert msg.startswith("oreo.py: step 3: non-finite value loss nan"), msg
+    msg = str(e.value)
+    assert msg.startswith("step 3: non-finite value loss nan"), msg
     assert "(step 2)" in msg and saved_step(out) == 2
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert all(v.isfinite().all() for m in ("policy", "value") for v in ckpt[m].values())
@@ -374,22 +374,22 @@ def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
 ])
 def test_unknown_or_conflicting_options_are_rejected_by_name(argv, name, capsys):
     with pytest.raises(SystemExit) as e:
-        oreo.parse_args(argv)
+        oreo.data.cli("oreo.py", oreo.parse_args, argv)
     assert e.value.code == 2
     assert name in capsys.readouterr().err
 
 
 def test_batch_not_divisible_by_micro_batch_is_rejected(traj_file, tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(oreo.data.UserError) as e:
         oreo.main(["--data", traj_file, *TINY, "--batch-size", "6", "--micro-batch-size", "4", "--out",
                    str(tmp_path)])
-    assert "--batch-size 6" in str(e.value.code) and "--micro-batch-size 4" in str(e.value.code)
+    assert "--batch-size 6" in str(e.value) and "--micro-batch-size 4" in str(e.value)
 
 
 def test_max_len_beyond_the_checkpoints_positions_is_refused_by_name(tmp_path):
     # GPT-2's learned positions: 16 rows, so 32 tokens cannot fit
     make_checkpoint(tmp_path / "gpt2", "gpt2", n_positions=16)
     args = oreo.parse_args(["--init", str(tmp_path / "gpt2"), "--loss", "sft", "--max-len", "32"])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(oreo.data.UserError) as e:
         oreo.build_models(args, None, "cpu")
-    assert "--max-len 32" in str(e.value.code) and "16 positions" in str(e.value.code)
+    assert "--max-len 32" in str(e.value) and "16 positions" in str(e.value)

@@ -428,7 +428,7 @@ def test_eval_prints_every_method_and_the_choice_numbers(run_files, capsys):
 def test_clear_errors_for_missing_folder_empty_problems_and_other_tokenizer(run_files):
     tmp_path, policy_dir, value_dir, problem_file, _ = run_files
     base = ["eval", "--policy", str(policy_dir), "--problems", str(problem_file), "--methods", "greedy"]
-    with pytest.raises(FileNotFoundError, match="--policy .*nowhere: no such folder"):
+    with pytest.raises(data.UserError, match="--policy .*nowhere: no such folder"):
         search.main(["eval", "--policy", str(tmp_path / "nowhere"), "--problems", str(problem_file)])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
