@@ -203,10 +203,9 @@ def test_initial_log_ratio_is_exactly_zero_under_bf16_autocast_and_a_bf16_copy_i
         assert {p.dtype for p in reference.parameters()} == {p.dtype for p in policy.parameters()}
         ids = torch.randint(0, policy.config.vocab_size, (3, 23), generator=torch.Generator().manual_seed(0))
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-            logits, ref_logits = policy(ids), reference(ids)
-            logp, _ = oreo.token_logprobs(logits, ids, ref_logits)   # the trainer's policy path (with the KL)
-            ref_logp = oreo.token_logprobs(ref_logits, ids)           # ... and its reference path
-            bf16_logp = oreo.token_logprobs(reference.to(torch.bfloat16)(ids), ids)
+            ref_logp, kl_inputs = oreo.reference_logprobs(reference, ids, False, True)  # the trainer's paths
+            logp, _ = oreo.policy_logprobs(policy, ids, False, kl_inputs)
+            bf16_logp, _ = oreo.reference_logprobs(reference.to(torch.bfloat16), ids, False, False)
         assert torch.equal(logp, ref_logp), f"initial log-ratio up to {(logp - ref_logp).abs().max():.3g}"
         assert (logp - bf16_logp).abs().max() > 0, "a bf16 reference should differ (the test would be vacuous)"
 
