@@ -1,6 +1,7 @@
 """
 Everything the loss sees comes from this file: prompt formats, problem and trajectory files, the action mask and
-step starts of DESIGN.md §1, batching and sharding, and the built-in synthetic task. The tokenizer lives in
+step starts of DESIGN.md §1, batching and sharding, and the built-in synthetic task; also the command lines' user
+errors (UserError, cli), since every command line imports this file. The tokenizer lives in
 tokenizer.py, answer extraction and grading in grading.py (both re-exported here).
 
     python data.py builtin OUT_DIR --seed 0      # writes the built-in task's problems and demonstrations
