@@ -16,7 +16,7 @@ import random
 import re
 
 OPENABLE = ("cabinet", "drawer", "fridge", "microwave")
-COUNTS = {"cabinet": (1, 4), "countertop": (1, 2), "desk": (1, 1), "drawer": (1, 3), "fridge": (1, 1),
+COUNTS = {"cabinet": (1, 3), "countertop": (1, 2), "desk": (1, 1), "drawer": (1, 2), "fridge": (1, 1),
           "microwave": (1, 1), "shelf": (1, 2), "sinkbasin": (1, 1)}   # receptacle type -> (fewest, most) per room
 TARGETS = ("cabinet", "countertop", "desk", "drawer", "shelf")          # where a task may ask to put something
 # object type -> the receptacle types it is usually found in (placed there 3 times in 4, else anywhere)
@@ -66,8 +66,8 @@ def describe(task):
 def world(seed):
     """The room layouts and task combinations of a world seed: (train layouts, unseen layouts, {split: combos})."""
     rng = random.Random(f"household:{seed}")
-    shapes = [(c, t, d, s, lamp) for c in range(1, 5) for t in range(1, 3) for d in range(1, 4) for s in range(1, 3)
-              for lamp in ("desk 1", "shelf 1")]
+    shapes = [(c, t, d, s, lamp) for c in range(1, COUNTS["cabinet"][1] + 1) for t in range(1, 3)
+              for d in range(1, COUNTS["drawer"][1] + 1) for s in range(1, 3) for lamp in ("desk 1", "shelf 1")]
     rng.shuffle(shapes)
     layouts = [{"counts": {**{k: 1 for k in COUNTS}, "cabinet": c, "countertop": t, "drawer": d, "shelf": s},
                 "lamp": lamp} for c, t, d, s, lamp in shapes[:16]]
@@ -179,30 +179,30 @@ class HouseholdEnv:
             if m[1] not in self.contents or m[1] == here:
                 return NOTHING
             self.location = m[1]
-            return self._seen() if self._open_here(m[1]) else f"The {m[1]} is closed."
+            return self._seen() if self._open_here(m[1]) else "It is closed."
         if m := re.fullmatch(r"(open|close) (.+)", action):
             verb, r = m[1], m[2]
             if r != here or _kind(r) not in OPENABLE or (r in self.opened) == (verb == "open"):
                 return NOTHING
             if verb == "close":
                 self.opened.discard(r)
-                return f"You close the {r}."
+                return "You close it."
             self.opened.add(r)
-            return f"You open the {r}. " + self._seen()
+            return self._seen()
         if m := re.fullmatch(r"take (.+) from (.+)", action):
             obj, r = m[1], m[2]
             if self.holding or not self._open_here(r) or obj not in self.contents[r] or obj == "desklamp 1":
                 return NOTHING
             self.contents[r].remove(obj)
             self.holding = obj
-            return f"You take the {obj}."
+            return f"You take {obj}."
         if m := re.fullmatch(r"put (.+?) (?:in/on|in|on) (.+)", action):
             obj, r = m[1], m[2]
             if obj != self.holding or r not in self.contents or not self._open_here(r):
                 return NOTHING
             self.contents[r].append(obj)
             self.holding = None
-            return f"You put the {obj} {prep(r)} the {r}."
+            return f"You put {obj}."
         if m := re.fullmatch(r"(clean|heat|cool) (.+) with (.+)", action):
             verb, obj, device = m[1], m[2], m[3]
             attribute, _, needed = next(t for t in TREATMENT.values() if t[1] == verb)
@@ -210,23 +210,23 @@ class HouseholdEnv:
                 return NOTHING
             self.attributes[obj] -= {"hot", "cool"} if attribute != "clean" else set()
             self.attributes[obj].add(attribute)
-            return f"You {verb} the {obj}."
+            return f"You {verb} {obj}."
         if action == "use desklamp 1":
             if here != self.lamp or self.lamp_on:
                 return NOTHING
             self.lamp_on = True
-            return "You turn on the desklamp 1."
+            return "You turn on desklamp 1."
         if m := re.fullmatch(r"examine (.+)", action):
             if m[1] == here:
-                return self._seen() if self._open_here(here) else f"The {here} is closed."
+                return self._seen() if self._open_here(here) else "It is closed."
             if m[1] == self.holding or (here and self._open_here(here) and m[1] in self.contents[here]):
                 state = " and ".join(sorted(self.attributes.get(m[1], ()))) or "normal"
-                return f"The {m[1]} is {state}."
+                return f"It is {state}."
             return NOTHING
         if action == "look":
-            return f"You are at the {here}." if here else "You are in the middle of a room."
+            return f"You are at {here}." if here else "You are in the middle of a room."
         if action == "inventory":
-            return f"You carry the {self.holding}." if self.holding else "You carry nothing."
+            return f"You carry {self.holding}." if self.holding else "You carry nothing."
         return NOTHING
 
     # -- the privileged expert -------------------------------------------------------------------------------
