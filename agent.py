@@ -124,6 +124,7 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
     gens = [g for task, s in zip(tasks, seeds) for g in generators(s, task["id"], k)]
     models = [policy] + ([value_model.backbone] if k > 1 else [])
     rows = [Rows(m, [ids[r // k] for r in range(E * k)]) for m in models]   # row r: candidate r % k of r // k
+    ends = set(tokenizer.stop_ids) | ({tokenizer.special_tokens["<|im_end|>"]} if tokenizer.chatml else set())
     episodes = [{"messages": m, "reward": 0.0, "steps": 0, "values": [], "action_tokens": [], "end": None}
                 for m in messages]
     for _ in range(max_turns):
@@ -141,7 +142,7 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
             for r in sorted(open_rows):
                 token = greedy[r] if greedy else search.sample_next(logits[r:r + 1], temperature,
                                                                     generator=gens[r]).item()
-                if token in tokenizer.stop_ids or b"\n" in tokenizer.token_bytes([token])[0]:
+                if token in ends or b"\n" in tokenizer.token_bytes([token])[0]:
                     open_rows.discard(r)
                     continue
                 actions[r].append(token)

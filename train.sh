@@ -198,16 +198,17 @@ if [ "$MODE" = agent ]; then
     A_MAX_STEPS=${A_MAX_STEPS:-15}                 # actions per episode (paper: 40; our expert plans are 4-9 long)
     A_K=${A_K:-3}                                  # episodes per training task from the SFT policy
     A_BEST_OF=${A_BEST_OF:-3}                      # candidate actions per turn for value-guided best-of-K (paper: 3)
-    A_SFT_EPOCHS=${A_SFT_EPOCHS:-12} A_STEPS=${A_STEPS:-150} A_BATCH=${A_BATCH:-16} A_MAX_LEN=${A_MAX_LEN:-512}
-    A_MODEL=${A_MODEL:-"--n-layer 4 --d-model 96 --n-head 4"}
+    A_SFT_EPOCHS=${A_SFT_EPOCHS:-4} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
+    A_STEPS=${A_STEPS:-40} A_BATCH=${A_BATCH:-8}   # optimizer steps and batch (sequences) of RS, DPO, OREO
+    A_MAX_LEN=${A_MAX_LEN:-512} A_MODEL=${A_MODEL:-"--n-layer 3 --d-model 64 --n-head 4"}
     ENVARGS=(--seed $SEED --max-steps $A_MAX_STEPS)
     A_TRAIN_ARGS=(--max-len $A_MAX_LEN --batch-size $A_BATCH --micro-batch-size $A_BATCH --max-steps $A_STEPS
                   --seed $SEED --save-every 50 --resume)
     stage_agent_init() { python agent.py init "${ENVARGS[@]}" $A_MODEL --max-len $A_MAX_LEN --out $OUT/init; }
     stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --n $A_TRAIN --out $D/demos.jsonl; }
     stage_agent_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --init $OUT/init --data $D/demos.jsonl \
-                            --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr 1e-3 --batch-size $A_BATCH \
-                            --micro-batch-size $A_BATCH --seed $SEED --save-every 100 --resume --out $OUT/sft; }
+                            --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR --batch-size $A_SFT_BATCH \
+                            --micro-batch-size $A_SFT_BATCH --seed $SEED --save-every 20 --resume --out $OUT/sft; }
     stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --n $A_TRAIN \
                                 --out $D/episodes.jsonl; }
     a_train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/episodes.jsonl \

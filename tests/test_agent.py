@@ -201,3 +201,52 @@ def test_masks_cover_the_assistant_tokens_only():
         expected += [0]
     assert ex.mask == expected[1:]
     assert sum(ex.mask) == sum(len(m["content"].encode()) + 1 for m in ep["messages"] if m["role"] == "assistant")
+
+
+# ---- collect and eval through the command line ------------------------------------------------------------
+
+@pytest.fixture
+def policy_dirs(tmp_path):
+    model = tiny_model(dtype=torch.float32, max_seq_len=512)
+    model.save_pretrained(tmp_path / "policy", tokenizer=TOKENIZER)
+    value = ValueModel(None, model)
+    torch.nn.init.normal_(value.head.weight)
+    value.save_pretrained(tmp_path / "value", tokenizer=TOKENIZER)
+    return tmp_path, tmp_path / "policy", tmp_path / "value"
+
+
+def collect_args(policy, out):
+    # 5 tasks, k = 2, batch size 4: chunks of 2 tasks (4 episodes), so 3 chunks
+    return ["collect", "--policy", str(policy), "--out", str(out), "-k", "2", "--n", "5", "--max-steps", "3",
+            "--max-action-tokens", "6", "--batch-size", "4", "--device", "cpu", "--seed", "4"]
+
+
+def test_collect_writes_transcripts_oreo_reads_and_an_interrupted_collect_resumes_to_the_same_file(policy_dirs):
+    tmp_path, policy, _ = policy_dirs
+    full = tmp_path / "full.jsonl"
+    agent.main(collect_args(policy, full))
+    rows = data.load_trajectories(str(full))
+    assert [r["id"] for r in rows] == [t["id"] for t in HouseholdEnv("train", 4).tasks(n=5) for _ in range(2)]
+    assert all(r["steps"] == 3 and r["messages"][0]["role"] == "user" for r in rows)
+    expected = full.read_text()
+    lines = expected.splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"   # killed while writing: one whole chunk, one task of the next, half a line
+    cut.write_text("".join(lines[:6]) + lines[6][:30])
+    agent.main(collect_args(policy, cut))
+    assert cut.read_text() == expected
+    assert not list(tmp_path.glob("cut.jsonl.*")), "no part or temporary files should remain"
+
+
+def test_eval_reports_success_and_steps_per_split_and_method(policy_dirs):
+    tmp_path, policy, value = policy_dirs
+    out = tmp_path / "eval.json"
+    summary = agent.main(["eval", "--policy", str(policy), "--value", str(value), "--methods", "greedy,bestof2",
+                          "--n", "2", "--max-steps", "2", "--max-action-tokens", "6", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["summary"] == summary and set(summary) == {"seen", "unseen"}
+    for split in summary:
+        assert set(summary[split]) == {"greedy", "bestof2"}
+        assert [r["id"] for r in report["per_task"][split]["greedy"]] == [f"{split}-0", f"{split}-1"]
+        assert summary[split]["greedy"]["steps"] == 2.0   # a random policy never succeeds in 2 steps
+    with pytest.raises(ValueError, match="value model"):
+        agent.main(["eval", "--policy", str(policy), "--methods", "bestof2", "--out", str(out)])
