@@ -272,7 +272,7 @@ def demos(args):
     """The demonstrator's transcripts on the training tasks: SFT data with visible mistakes and a 0/1 reward."""
     env = household.HouseholdEnv("train", args.seed, args.max_steps)
     rng, rows = random.Random(f"demos:{args.seed}"), []
-    for task in env.tasks(n=args.n):
+    for task in env.tasks(n=args.tasks):
         for s in range(args.per_task):
             first, turns, reward = household.demonstrate(env, task, rng, args.p_poor_search, args.p_skip,
                                                          args.p_wrong_place)
@@ -295,7 +295,7 @@ def collect(args):
     if world > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     make_env = env_factory(args.env, "train", args.seed, args.max_steps)
-    tasks = make_env().tasks("train", args.n)
+    tasks = make_env().tasks("train", args.tasks)
     policy, tokenizer = search.load_policy(args.policy, device, dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,7 @@ def evaluate(args):
     summary, per_task = {}, {}
     for split in args.splits.split(","):
         make_env = env_factory(args.env, split, args.seed, args.max_steps)
-        tasks = make_env().tasks(split, args.n or None)
+        tasks = make_env().tasks(split, args.tasks or None)
         summary[split], per_task[split] = {}, {}
         for kind, width in methods:
             name, t0 = kind if kind != "bestof" else f"bestof{width}", time.time()
@@ -389,7 +389,7 @@ def build_parser():
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--max-len", type=int, default=1024, help="the model's positions")
     p = sub.add_parser("demos", parents=[common], help="the demonstrator's transcripts (SFT data)")
-    p.add_argument("--n", type=int, default=600, help="training tasks")
+    p.add_argument("--tasks", type=int, default=600, help="training tasks")
     p.add_argument("--per-task", type=int, default=1, help="transcripts per task")
     p.add_argument("--p-poor-search", type=float, default=0.5, help="chance of searching in a random order")
     p.add_argument("--p-skip", type=float, default=0.3, help="chance of skipping the clean/heat/cool step")
@@ -404,12 +404,12 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=32, help="episodes stepped together")
     p = sub.add_parser("collect", parents=[common, model], help="K episodes per training task -> {messages, reward}")
     p.add_argument("-k", "--k", type=int, default=4, help="episodes per task")
-    p.add_argument("--n", type=int, default=600, help="training tasks")
+    p.add_argument("--tasks", type=int, default=600, help="training tasks")
     p = sub.add_parser("eval", parents=[common, model], help="success rate and mean steps per split and method")
     p.add_argument("--value", help="value model folder (needed by bestofK)")
     p.add_argument("--methods", default="greedy,bestof3", help="comma-separated: greedy, sample, bestofK")
     p.add_argument("--splits", default="seen,unseen", help="comma-separated splits")
-    p.add_argument("--n", type=int, default=0, help="tasks per split (0: all)")
+    p.add_argument("--tasks", type=int, default=0, help="tasks per split (0: all)")
     return parser
 
 

@@ -198,18 +198,18 @@ if [ "$MODE" = agent ]; then
     A_MAX_STEPS=${A_MAX_STEPS:-15}                 # actions per episode (paper: 40; our expert plans are 4-9 long)
     A_K=${A_K:-3}                                  # episodes per training task from the SFT policy
     A_BEST_OF=${A_BEST_OF:-3}                      # candidate actions per turn for value-guided best-of-K (paper: 3)
-    A_SFT_EPOCHS=${A_SFT_EPOCHS:-4} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
+    A_SFT_EPOCHS=${A_SFT_EPOCHS:-16} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
     A_STEPS=${A_STEPS:-40} A_BATCH=${A_BATCH:-8}   # optimizer steps and batch (sequences) of RS, DPO, OREO
     A_MAX_LEN=${A_MAX_LEN:-512} A_MODEL=${A_MODEL:-"--n-layer 3 --d-model 64 --n-head 4"}
     ENVARGS=(--seed $SEED --max-steps $A_MAX_STEPS)
     A_TRAIN_ARGS=(--max-len $A_MAX_LEN --batch-size $A_BATCH --micro-batch-size $A_BATCH --max-steps $A_STEPS
                   --seed $SEED --save-every 50 --resume)
     stage_agent_init() { python agent.py init "${ENVARGS[@]}" $A_MODEL --max-len $A_MAX_LEN --out $OUT/init; }
-    stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --n $A_TRAIN --out $D/demos.jsonl; }
+    stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --tasks $A_TRAIN --out $D/demos.jsonl; }
     stage_agent_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --init $OUT/init --data $D/demos.jsonl \
                             --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR --batch-size $A_SFT_BATCH \
                             --micro-batch-size $A_SFT_BATCH --seed $SEED --save-every 20 --resume --out $OUT/sft; }
-    stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --n $A_TRAIN \
+    stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --tasks $A_TRAIN \
                                 --out $D/episodes.jsonl; }
     a_train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/episodes.jsonl \
                     "${A_TRAIN_ARGS[@]}" --out $OUT/$name "$@"; }
@@ -217,7 +217,7 @@ if [ "$MODE" = agent ]; then
     stage_agent_dpo() { a_train dpo --loss dpo --lr $LR_DPO; }
     stage_agent_oreo() { a_train oreo --lr $LR_OREO --value-lr $VALUE_LR; }
     stage_agent_oreo_step() { a_train oreo_step --variant step --lr $LR_OREO_STEP --value-lr $VALUE_LR; }
-    a_eval() { local name=$1; shift; python agent.py eval "${ENVARGS[@]}" --n $A_EVAL --policy $OUT/$name/policy \
+    a_eval() { local name=$1; shift; python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL --policy $OUT/$name/policy \
                    --out $OUT/eval/$name.json "$@"; }
     stage_agent_eval_sft() { a_eval sft --methods greedy; }
     stage_agent_eval_rs() { a_eval rs --methods greedy; }

@@ -2,7 +2,10 @@
 only on success, the splits; batched rollouts against one-at-a-time ones, the value read where training puts it,
 masks on assistant tokens only, and collect's resume. Tiny random models and the byte-level tokenizer."""
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from household import NOTHING, TASK_TYPES, HouseholdEnv
 from model import Config, Transformer, ValueModel
 
 TOKENIZER = data.Tokenizer.byte_level()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +221,7 @@ def policy_dirs(tmp_path):
 
 def collect_args(policy, out):
     # 5 tasks, k = 2, batch size 4: chunks of 2 tasks (4 episodes), so 3 chunks
-    return ["collect", "--policy", str(policy), "--out", str(out), "-k", "2", "--n", "5", "--max-steps", "3",
+    return ["collect", "--policy", str(policy), "--out", str(out), "-k", "2", "--tasks", "5", "--max-steps", "3",
             "--max-action-tokens", "6", "--batch-size", "4", "--device", "cpu", "--seed", "4"]
 
 
@@ -237,11 +241,21 @@ def test_collect_writes_transcripts_oreo_reads_and_an_interrupted_collect_resume
     assert not list(tmp_path.glob("cut.jsonl.*")), "no part or temporary files should remain"
 
 
+def test_collect_on_two_torchrun_ranks_writes_the_same_file_as_one_process(policy_dirs):
+    tmp_path, policy, _ = policy_dirs
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    agent.main(collect_args(policy, one))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "agent.py"), *collect_args(policy, two)],
+                   check=True, capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.read_text() == one.read_text()
+
+
 def test_eval_reports_success_and_steps_per_split_and_method(policy_dirs):
     tmp_path, policy, value = policy_dirs
     out = tmp_path / "eval.json"
     summary = agent.main(["eval", "--policy", str(policy), "--value", str(value), "--methods", "greedy,bestof2",
-                          "--n", "2", "--max-steps", "2", "--max-action-tokens", "6", "--out", str(out)])
+                          "--tasks", "2", "--max-steps", "2", "--max-action-tokens", "6", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["summary"] == summary and set(summary) == {"seen", "unseen"}
     for split in summary:
