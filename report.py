@@ -4,6 +4,7 @@ The built-in demo's table, in the shape of the paper's: test accuracy per method
     python report.py out/demo                           # one run: OUT/results.json, OUT/results.svg
     python report.py out/demo-s0 out/demo-s1 out/demo-s2 --out out/summary   # mean ± std over seeds
     python report.py sweep out/demo                     # the learning-rate sweep on the validation problems
+    python report.py agent out/agent [out/agent-s1 ...]  # the agent demo: success on the seen and unseen tasks
 
 Reads the search.py eval files that train.sh writes under OUT/eval/ (and OUT/sweep/ for the sweep).
 """
@@ -125,6 +126,42 @@ def report(outs, dest):
     print(f"report.py: wrote {dest}/results.json and {dest}/results.svg")
 
 
+# the agent demo: (row label, eval file under OUT/eval, method in it, group), for each split
+AGENT_ROWS = [("SFT", "sft", "greedy", "baseline"), ("RS", "rs", "greedy", "baseline"),
+              ("DPO", "dpo", "greedy", "baseline"), ("OREO-token", "oreo", "greedy", "oreo"),
+              ("OREO-step", "oreo_step", "greedy", "oreo"), ("OREO-token + best-of-{K}", "oreo", "bestof{K}", "search"),
+              ("OREO-step + best-of-{K}", "oreo_step", "bestof{K}", "search")]
+
+
+def read_agent_run(out):
+    """{"split: label": (success rate, episodes, group)} from the agent.py eval files of one output folder."""
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted(Path(out, "eval").glob("*.json"))}
+    if not evals:
+        sys.exit(f"report.py: no eval files in {out}/eval (run bash train.sh agent --out {out} first)")
+    rows = {}
+    for split in ("seen", "unseen"):
+        for label, name, method, group in AGENT_ROWS:
+            summary = evals.get(name, {}).get("summary", {}).get(split, {})
+            for key in [k for k in summary if re.fullmatch(method.replace("{K}", r"\d+"), k)]:
+                k = re.sub(r"\D", "", key)
+                rows[f"{split}: {label.format(K=k)}"] = (summary[key]["success"], summary[key]["episodes"], group)
+    return rows
+
+
+def agent_report(outs, dest):
+    table = combine([read_agent_run(o) for o in outs])
+    n = len(outs)
+    print(f"{'success rate' + (f' (mean ± std over {n} seeds)' if n > 1 else ''):<46} {'episodes':>8}")
+    for label, row in table.items():
+        seeds = "  [" + " ".join(f"{x:.3f}" for x in row["seeds"]) + "]" if n > 1 else ""
+        print(f"{label:<46} {row['problems']:8d}  {fmt(row)}{seeds}")
+    os.makedirs(dest, exist_ok=True)
+    write(Path(dest, "results.json"), json.dumps({"runs": [str(o) for o in outs], "table": table}, indent=1))
+    title = f"Agent demo: success rate ({n} seed{'s' if n > 1 else ''}" + (", mean ± std)" if n > 1 else ")")
+    write(Path(dest, "results.svg"), svg_chart(table, title))
+    print(f"report.py: wrote {dest}/results.json and {dest}/results.svg")
+
+
 def sweep(outs):
     """Validation accuracy per (method, learning rate), averaged over the given runs; the best rate per method."""
     acc = {}
@@ -155,11 +192,14 @@ def write(path, text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="train.sh output folders (one per seed), or: sweep FOLDER ...")
+    parser.add_argument("runs", nargs="+", help="train.sh output folders (one per seed), or: sweep FOLDER ..., "
+                        "or: agent FOLDER ...")
     parser.add_argument("--out", help="where results.json and results.svg go (default: the first folder)")
     args = parser.parse_args(argv)
     if args.runs[0] == "sweep":
         return sweep(args.runs[1:])
+    if args.runs[0] == "agent":
+        return agent_report(args.runs[1:], args.out or args.runs[1])
     report(args.runs, args.out or args.runs[0])
 
 

@@ -8,6 +8,10 @@
 #   bash train.sh sweep [--out DIR] [--seed S]
 #                       the learning-rate sweep behind the defaults below: every method, the same 3 learning rates,
 #                       greedy accuracy on the VALIDATION problems (the test problems choose nothing).
+#   bash train.sh agent [--out DIR] [--seed S]
+#                       the agent demo (default out/agent): household.py's ALFWorld-style environment; a tiny model
+#                       with a word tokenizer → the demonstrator's transcripts → SFT → collect K episodes per task →
+#                       RS / DPO / OREO-token / OREO-step → greedy and best-of-K on the seen and unseen tasks → table.
 #   bash train.sh real  the commands for a real run (print only; edit the paths, then run them yourself)
 #
 # Every oreo.py run writes DIR/<run>/ckpt.pt, log.jsonl (one JSON row per step), and at the end policy/ and value/
@@ -16,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=builtin
-case "${1:-}" in real|sweep) MODE=$1; shift ;; esac
+case "${1:-}" in real|sweep|agent) MODE=$1; shift ;; esac
 
 if [ "$MODE" = real ]; then
 cat <<'EOF'
@@ -65,6 +69,7 @@ exit 0
 fi
 
 # ---- Settings (environment variables; the flags below override three of them) --------------------------------
+[ "$MODE" = agent ] && OUT=${OUT:-out/agent}
 OUT=${OUT:-out/demo}
 SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}                  # iterative OREO: rounds of collect-with-the-new-policy, then retrain
@@ -73,7 +78,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --seed) SEED=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
-        *) echo "train.sh: unknown argument '$1' (use real, sweep, --out DIR, --seed S, --rounds N)" >&2; exit 2 ;;
+        *) echo "train.sh: unknown argument '$1' (use real, sweep, agent, --out DIR, --seed S, --rounds N)" >&2
+           exit 2 ;;
     esac
 done
 N_TRAIN=${N_TRAIN:-400} N_VAL=${N_VAL:-200} N_TEST=${N_TEST:-1000}   # problems per split
@@ -190,6 +196,54 @@ run_all() {
     done
     trap - EXIT
 }
+
+# ---- The agent demo: agent.py and household.py (README, "The agent demo") ----------------------------------------
+if [ "$MODE" = agent ]; then
+    A_TRAIN=${A_TRAIN:-240} A_EVAL=${A_EVAL:-60}   # training tasks; evaluation tasks per split (seen, unseen)
+    A_MAX_STEPS=${A_MAX_STEPS:-15}                 # actions per episode (paper: 40; our expert plans are 4-9 long)
+    A_K=${A_K:-3}                                  # episodes per training task from the SFT policy
+    A_BEST_OF=${A_BEST_OF:-3}                      # candidate actions per turn for value-guided best-of-K (paper: 3)
+    A_SFT_EPOCHS=${A_SFT_EPOCHS:-16} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
+    A_STEPS=${A_STEPS:-40} A_BATCH=${A_BATCH:-8}   # optimizer steps and batch (sequences) of RS, DPO, OREO
+    A_MAX_LEN=${A_MAX_LEN:-512} A_MODEL=${A_MODEL:-"--n-layer 3 --d-model 64 --n-head 4"}
+    ENVARGS=(--seed $SEED --max-steps $A_MAX_STEPS)
+    A_TRAIN_ARGS=(--max-len $A_MAX_LEN --batch-size $A_BATCH --micro-batch-size $A_BATCH --max-steps $A_STEPS
+                  --seed $SEED --save-every 50 --resume)
+    stage_agent_init() { python agent.py init "${ENVARGS[@]}" $A_MODEL --max-len $A_MAX_LEN --out $OUT/init; }
+    stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --tasks $A_TRAIN --out $D/demos.jsonl; }
+    stage_agent_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --init $OUT/init --data $D/demos.jsonl \
+                            --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR --batch-size $A_SFT_BATCH \
+                            --micro-batch-size $A_SFT_BATCH --seed $SEED --save-every 20 --resume --out $OUT/sft; }
+    stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --tasks $A_TRAIN \
+                                --out $D/episodes.jsonl; }
+    a_train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/episodes.jsonl \
+                    "${A_TRAIN_ARGS[@]}" --out $OUT/$name "$@"; }
+    stage_agent_rs() { a_train rs --loss rs --lr $LR_RS; }
+    stage_agent_dpo() { a_train dpo --loss dpo --lr $LR_DPO; }
+    stage_agent_oreo() { a_train oreo --lr $LR_OREO --value-lr $VALUE_LR; }
+    stage_agent_oreo_step() { a_train oreo_step --variant step --lr $LR_OREO_STEP --value-lr $VALUE_LR; }
+    a_eval() { local name=$1; shift; python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL --policy $OUT/$name/policy \
+                   --out $OUT/eval/$name.json "$@"; }
+    stage_agent_eval_sft() { a_eval sft --methods greedy; }
+    stage_agent_eval_rs() { a_eval rs --methods greedy; }
+    stage_agent_eval_dpo() { a_eval dpo --methods greedy; }
+    stage_agent_eval_oreo() { a_eval oreo --value $OUT/oreo/value --methods greedy,bestof$A_BEST_OF; }
+    stage_agent_eval_oreo_step() { a_eval oreo_step --value $OUT/oreo_step/value --methods greedy,bestof$A_BEST_OF; }
+    job agent_init
+    job agent_demos
+    job agent_sft agent_init agent_demos
+    job agent_collect agent_sft
+    job agent_eval_sft agent_sft
+    for name in oreo oreo_step rs dpo; do
+        job agent_$name agent_collect
+        job agent_eval_$name agent_$name
+    done
+    echo "== train.sh agent: seed $SEED, $PARALLEL stages at a time, output in $OUT"
+    run_all
+    python report.py agent $OUT
+    echo "== $(elapsed) all done: $OUT/results.json, $OUT/results.svg"
+    exit 0
+fi
 
 job data
 job sft data

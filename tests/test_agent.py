@@ -1,0 +1,267 @@
+"""household.py and agent.py: every task type solved by its expert plan, impossible actions change nothing, reward
+only on success, the splits; batched rollouts against one-at-a-time ones, the value read where training puts it,
+masks on assistant tokens only, and collect's resume. Tiny random models and the byte-level tokenizer."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import agent
+import data
+import household
+import search
+from household import NOTHING, TASK_TYPES, HouseholdEnv
+from model import Config, Transformer, ValueModel
+
+TOKENIZER = data.Tokenizer.byte_level()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, dtype=torch.float64, max_seq_len=1024):
+    config = Config(model_type="llama", vocab_size=TOKENIZER.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                    d_model=32, d_ff=48, max_seq_len=max_seq_len)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.to(dtype).eval()
+
+
+def tiny_value(seed=1, dtype=torch.float64):
+    value = ValueModel(None, tiny_model(seed, dtype))
+    with torch.no_grad():
+        value.head.weight.normal_(0, 1.0)
+    return value.to(dtype).eval()
+
+
+# ---- the environment ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "seen", "unseen"])
+def test_every_task_type_is_solved_by_its_expert_plan_also_from_a_random_midway_state(split):
+    env, rng = HouseholdEnv(split, seed=3), random.Random(0)
+    tasks = env.tasks(n=60)
+    assert {t["type"] for t in tasks} == set(TASK_TYPES)
+    for task in tasks:
+        for warmup in (0, 6):   # from the start, and after 6 random actions (some apply, some do not)
+            env.reset(task)
+            for _ in range(warmup):
+                env.step(rng.choice(random_actions(env)))
+            if env.done:
+                continue
+            plan = env.expert_plan()
+            for n, action in enumerate(plan, 1):
+                observation, reward, done = env.step(action)
+                assert observation != NOTHING, f"{task['id']}: {action!r} of the plan does not apply"
+                assert (reward == 1.0) == (n == len(plan)) and done == (n == len(plan)), f"{task['id']}: {plan}"
+
+
+def random_actions(env):
+    """Mostly well-formed actions about this room's receptacles and objects, many of which cannot apply."""
+    objects = [o for inside in env.contents.values() for o in inside] + [env.holding or "mug 1"]
+    r, o = random.choice(env.receptacles), random.choice(objects)
+    return [f"go to {r}", f"open {r}", f"close {r}", f"take {o} from {r}", f"put {o} in/on {r}",
+            f"clean {o} with sinkbasin 1", f"heat {o} with microwave 1", f"cool {o} with fridge 1",
+            "use desklamp 1", f"examine {o}", "look", "inventory"]
+
+
+def test_impossible_actions_answer_nothing_happens_and_change_nothing():
+    env = HouseholdEnv("train", seed=0)
+    task = next(t for t in env.tasks() if t["type"] == "pick_clean_then_place")
+    env.reset(task)
+    closed = next(r for r in env.receptacles if r.startswith("drawer"))
+    inside = next(r for r in env.receptacles if r.startswith("cabinet"))
+    env.contents[closed].append("pen 9")
+    env.contents[inside].append("cd 9")
+    cases = [  # (what to do first, the impossible action)
+        ([], "fly to the moon"), ([], ""), ([], "go to bathtub 1"), ([], "open fridge 1"), ([], "take cd 9 from "
+         f"{inside}"), ([], "put cd 9 in countertop 1"), ([], "use desklamp 1"), ([], "inventory please"),
+        ([f"go to {closed}"], f"go to {closed}"), ([f"go to {closed}"], f"take pen 9 from {closed}"),
+        ([f"go to {closed}"], f"close {closed}"), ([f"go to {closed}", f"open {closed}"], f"open {closed}"),
+        (["go to countertop 1"], "open countertop 1"), (["go to countertop 1"], f"take cd 9 from {inside}"),
+        ([f"go to {inside}", f"open {inside}"], "take desklamp 1 from shelf 1"),
+        ([f"go to {inside}", f"open {inside}", f"take cd 9 from {inside}"], f"take cd 9 from {inside}"),
+        ([f"go to {inside}", f"open {inside}", f"take cd 9 from {inside}"], "put cd 9 in countertop 1"),
+        ([f"go to {inside}", f"open {inside}", f"take cd 9 from {inside}"], "put pen 9 in " + inside),
+        ([f"go to {inside}", f"open {inside}", f"take cd 9 from {inside}"], "clean cd 9 with sinkbasin 1"),
+        ([f"go to {inside}", f"open {inside}", f"take cd 9 from {inside}", "go to sinkbasin 1"],
+         "clean cd 9 with microwave 1"),
+        ([f"go to {inside}", f"open {inside}", f"take cd 9 from {inside}", "go to sinkbasin 1"],
+         "heat cd 9 with microwave 1"),
+        (["go to sinkbasin 1"], "clean cd 9 with sinkbasin 1"), (["go to fridge 1"], "examine pen 9"),
+        ([f"go to {env.lamp}", "use desklamp 1"], "use desklamp 1"),
+    ]
+    for before, action in cases:
+        env.reset(task)
+        env.contents[closed].append("pen 9")
+        env.contents[inside].append("cd 9")
+        env.attributes.update({"pen 9": set(), "cd 9": set()})
+        for a in before:
+            assert env.step(a)[0] != NOTHING, f"setting up {action!r}: {a!r} should apply"
+        snapshot = env.state()
+        assert env.step(action) == (NOTHING, 0.0, False), f"{action!r} after {before}"
+        assert env.state() == snapshot, f"{action!r} after {before} changed the world"
+
+
+def test_reward_comes_only_in_the_step_that_reaches_the_goal_and_the_step_limit_ends_episodes():
+    env, rng = HouseholdEnv("train", seed=1, max_steps=25), random.Random(2)
+    for task in env.tasks(n=90):
+        env.reset(task)
+        assert not env.goal_holds(), f"{task['id']}: the goal holds before any action"
+        for n in range(1, 26):
+            # half expert, half random: episodes that succeed and episodes that run out of steps
+            action = env.expert_plan()[0] if rng.random() < 0.5 else rng.choice(random_actions(env))
+            _, reward, done = env.step(action)
+            assert reward == float(env.goal_holds()), f"{task['id']}: reward {reward} after {action!r}"
+            assert done == (reward == 1.0 or n == 25)
+            if done:
+                break
+        with pytest.raises(RuntimeError):
+            env.step("look")
+
+
+def test_unseen_split_has_new_layouts_and_combinations_and_seen_has_new_episodes():
+    train, seen, unseen = (household.make_tasks(s, seed=5) for s in ("train", "seen", "unseen"))
+    key = lambda t: (t["type"], t["object"], t["target"])
+    layout = lambda t: json.dumps(t["layout"], sort_keys=True)
+    assert not {key(t) for t in unseen} & {key(t) for t in train}
+    assert not {layout(t) for t in unseen} & {layout(t) for t in train}
+    pool = set(household.world(5)[2]["train"])   # seen draws from the training combinations, not from the 600 drawn
+    assert {key(t) for t in seen} <= pool and {key(t) for t in train} <= pool
+    assert {layout(t) for t in seen} <= {layout(t) for t in train}
+    assert not {(key(t), layout(t), t["episode"]) for t in seen} & {(key(t), layout(t), t["episode"]) for t in train}
+    assert [len(x) for x in (train, seen, unseen)] == [600, 140, 134]
+
+
+def test_demonstrator_makes_mistakes_and_its_reward_is_the_environments():
+    env, rng = HouseholdEnv("train", seed=0, max_steps=20), random.Random(0)
+    results = [household.demonstrate(env, t, rng) for t in env.tasks(n=120)]
+    rewards = [r for _, _, r in results]
+    assert 0.3 < sum(rewards) / len(rewards) < 1.0, "the demonstrator should fail some episodes at the step limit"
+    assert any(o == "You see nothing." for _, turns, _ in results for _, o in turns), "it never searched in vain"
+    for (first, turns, reward), task in zip(results, env.tasks(n=120)):   # replaying its actions gives its reward
+        assert env.reset(task) == first
+        out = [env.step(a) for a, _ in turns]
+        assert [o for o, _, _ in out] == [o for _, o in turns] and reward == out[-1][1]
+
+
+# ---- rollouts -----------------------------------------------------------------------------------------------
+
+def scripted_env(split="train", seed=0, max_steps=6):
+    return lambda: HouseholdEnv(split, seed, max_steps)
+
+
+@pytest.mark.parametrize("k,temperature,samples", [(1, 0.0, 2), (1, 1.0, 2), (3, 1.0, 1)])
+def test_batched_rollouts_equal_one_at_a_time(k, temperature, samples):
+    policy, value = tiny_model(), tiny_value()
+    tasks = HouseholdEnv("train", 0).tasks(n=3)
+    kw = dict(k=k, value_model=value, temperature=temperature, max_action_tokens=8)
+    env = scripted_env(max_steps=4)
+    together = agent.run_episodes(policy, TOKENIZER, env, tasks, samples=samples, seed=7, batch_size=6, **kw)
+    alone = agent.run_episodes(policy, TOKENIZER, env, tasks, samples=samples, seed=7, batch_size=1, **kw)
+    assert together == alone
+    # greedy: both samples of a task are the same episode; sampled: every episode differs
+    assert len({json.dumps(e["messages"]) for e in together}) == 3 * (1 if temperature == 0 else samples)
+
+
+def test_best_of_k_reads_the_value_at_the_actions_last_token_a_trained_position():
+    policy, value = tiny_model(), tiny_value()
+    tasks = HouseholdEnv("train", 0).tasks(n=3)
+    episodes = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=4), tasks, k=3, value_model=value,
+                                  max_action_tokens=12, seed=1)
+    for ep in episodes:
+        ex = data.encode_trajectory(TOKENIZER, {"messages": ep["messages"], "reward": 0.0}, 10**9)
+        turns = [i for i, m in enumerate(ep["messages"]) if m["role"] == "assistant"]
+        for n, i in enumerate(turns):
+            prefix = agent.render(TOKENIZER, ep["messages"][:i])
+            # full recompute of the value there, in float64, against the cached engine's
+            seq = prefix + ep["action_tokens"][n]
+            assert ep["values"][n] == pytest.approx(search.last_token_values(value, [seq])[0], abs=1e-6)
+            # in the transcript training sees, that is the state whose action (the next token) ends the turn
+            j = len(prefix) + len(TOKENIZER.encode(ep["messages"][i]["content"])) - 1
+            assert ex.ids[j + 1] == TOKENIZER.eos_id and ex.mask[j] == 1 and ex.mask[j - 1] == 1
+
+
+def test_masks_cover_the_assistant_tokens_only():
+    policy = tiny_model(seed=2)
+    ep = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=5), HouseholdEnv("train", 0).tasks(n=1),
+                            temperature=1.0, max_action_tokens=12, seed=3)[0]
+    ex = data.encode_trajectory(TOKENIZER, {"messages": ep["messages"], "reward": ep["reward"]}, 10**9)
+    expected = []   # rebuilt from the text: "assistant: " + content + EOS are actions, nothing else
+    for m in ep["messages"]:
+        expected += [0] * len(f"{m['role']}: ".encode())
+        expected += [int(m["role"] == "assistant")] * (len(m["content"].encode()) + (m["role"] == "assistant"))
+        expected += [0]
+    assert ex.mask == expected[1:]
+    assert sum(ex.mask) == sum(len(m["content"].encode()) + 1 for m in ep["messages"] if m["role"] == "assistant")
+
+
+# ---- collect and eval through the command line ------------------------------------------------------------
+
+@pytest.fixture
+def policy_dirs(tmp_path):
+    model = tiny_model(dtype=torch.float32, max_seq_len=512)
+    model.save_pretrained(tmp_path / "policy", tokenizer=TOKENIZER)
+    value = ValueModel(None, model)
+    torch.nn.init.normal_(value.head.weight)
+    value.save_pretrained(tmp_path / "value", tokenizer=TOKENIZER)
+    return tmp_path, tmp_path / "policy", tmp_path / "value"
+
+
+def collect_args(policy, out):
+    # 5 tasks, k = 2, batch size 4: chunks of 2 tasks (4 episodes), so 3 chunks
+    return ["collect", "--policy", str(policy), "--out", str(out), "-k", "2", "--tasks", "5", "--max-steps", "3",
+            "--max-action-tokens", "6", "--batch-size", "4", "--device", "cpu", "--seed", "4"]
+
+
+def test_collect_writes_transcripts_oreo_reads_and_an_interrupted_collect_resumes_to_the_same_file(policy_dirs):
+    tmp_path, policy, _ = policy_dirs
+    full = tmp_path / "full.jsonl"
+    agent.main(collect_args(policy, full))
+    rows = data.load_trajectories(str(full))
+    assert [r["id"] for r in rows] == [t["id"] for t in HouseholdEnv("train", 4).tasks(n=5) for _ in range(2)]
+    assert all(r["steps"] == 3 and r["messages"][0]["role"] == "user" for r in rows)
+    expected = full.read_text()
+    lines = expected.splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"   # killed while writing: one whole chunk, one task of the next, half a line
+    cut.write_text("".join(lines[:6]) + lines[6][:30])
+    agent.main(collect_args(policy, cut))
+    assert cut.read_text() == expected
+    assert not list(tmp_path.glob("cut.jsonl.*")), "no part or temporary files should remain"
+
+
+def test_collect_on_two_torchrun_ranks_writes_the_same_file_as_one_process(policy_dirs):
+    tmp_path, policy, _ = policy_dirs
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    agent.main(collect_args(policy, one))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "agent.py"), *collect_args(policy, two)],
+                   check=True, capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.read_text() == one.read_text()
+
+
+def test_eval_reports_success_and_steps_per_split_and_method(policy_dirs):
+    tmp_path, policy, value = policy_dirs
+    out = tmp_path / "eval.json"
+    summary = agent.main(["eval", "--policy", str(policy), "--value", str(value), "--methods", "greedy,bestof2",
+                          "--tasks", "2", "--max-steps", "2", "--max-action-tokens", "6", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["summary"] == summary and set(summary) == {"seen", "unseen"}
+    for split in summary:
+        assert set(summary[split]) == {"greedy", "bestof2"}
+        assert [r["id"] for r in report["per_task"][split]["greedy"]] == [f"{split}-0", f"{split}-1"]
+        assert summary[split]["greedy"]["steps"] == 2.0   # a random policy never succeeds in 2 steps
+    with pytest.raises(ValueError, match="value model"):
+        agent.main(["eval", "--policy", str(policy), "--methods", "bestof2", "--out", str(out)])
