@@ -57,7 +57,8 @@ def _run(model, ids, positions, cache, lengths):
     if ids.shape[1] > 1:   # prefill from position 0: causal attention over the written prefix
         h = model._run(ids, positions, None, cache)
     else:
-        h = model._run(ids, positions, mask, cache, decode_pos=positions[:, 0])
+        rows = torch.arange(len(ids), device=ids.device)
+        h = model._run(ids, positions, mask, cache, write=(rows, torch.zeros_like(rows), positions[:, 0]))
     cache.lengths.copy_(lengths)
     return h                                                                               # (B, T, D)
 
@@ -119,7 +120,7 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
     ids = [render(tokenizer, m) for m in messages]          # each episode's transcript, up to its open turn
     for task, prompt in zip(tasks, ids):
         if len(prompt) + max_action_tokens > limit:
-            raise ValueError(f"task {task['id']}: the first observation has {len(prompt)} tokens; with "
+            raise data.UserError(f"task {task['id']}: the first observation has {len(prompt)} tokens; with "
                              f"{max_action_tokens} for an action that exceeds the model's {limit} positions")
     gens = [g for task, s in zip(tasks, seeds) for g in generators(s, task["id"], k)]
     models = [policy] + ([value_model.backbone] if k > 1 else [])
@@ -221,7 +222,7 @@ def env_factory(spec, split, seed, max_steps):
     try:
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--env {spec}: cannot load it ({e}); use household or module:factory") from None
+        raise data.UserError(f"--env {spec}: cannot load it ({e}); use household or module:factory") from None
     return lambda: factory(split, seed, max_steps)
 
 
@@ -342,12 +343,12 @@ def evaluate(args):
     policy, tokenizer = search.load_policy(args.policy, device, dtype)
     methods = search.parse_methods(args.methods)
     if any(kind == "beam" for kind, _ in methods):
-        raise ValueError("--methods: agents use greedy, sample or bestofK (beam search is for reasoning steps)")
+        raise data.UserError("--methods: agents use greedy, sample or bestofK (beam search is for reasoning steps)")
     value_model = None
     if args.value:
         value_model = search.load_value(args.value, policy, tokenizer, args.policy, device, dtype)
     elif any(kind == "bestof" for kind, _ in methods):
-        raise ValueError("--methods bestofK needs a value model: pass --value FOLDER")
+        raise data.UserError("--methods bestofK needs a value model: pass --value FOLDER")
     summary, per_task = {}, {}
     for split in args.splits.split(","):
         make_env = env_factory(args.env, split, args.seed, args.max_steps)
@@ -375,7 +376,7 @@ def evaluate(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("environment")
@@ -419,4 +420,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli("agent.py", main)
