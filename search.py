@@ -165,9 +165,9 @@ def device_and_dtype(args):
 
 
 def compile_decode(model):
-    """torch.compile the model's one-token decode step, with dynamic shapes (rows leave the batch as they finish, so
-    every batch size would compile again otherwise). Pays on CPU for small models, where a decode step is
-    dominated by framework overhead; the first call compiles (tens of seconds)."""
+    """torch.compile the model's one-token decode step. Measured on a 2-core CPU (README): it paid for a few rows
+    at a time (2.3x for 2 prompts) and cost more than it saved in batched evaluation (100+ rows, whose batch and
+    cache sizes change between calls and so compile again); the first call compiles (25-130 s there)."""
     model.decode = torch.compile(model.decode)
     return model
 
@@ -475,8 +475,8 @@ def build_parser():
     g.add_argument("--stop", action="append", default=[], help="extra stop string ending a response, e.g. "
                    "'<|im_end|>' when the tokenizer's EOS is another token (repeatable)")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
-    g.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step (dynamic shapes); "
-                   "compiling takes 40-250 s on a CPU and was slower there at batch 100+ (README)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step: pays for few rows "
+                   "at a time; on a CPU it compiled for 25-130 s and was slower at batch 100+ (README)")
     g.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("collect", parents=[common], help="K graded samples per problem -> trajectory JSONL",

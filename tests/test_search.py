@@ -230,7 +230,7 @@ def state_value(value_model, state):
     return value_model(torch.tensor([state]))[0, -1].item()
 
 
-@pytest.mark.parametrize("case", ["plain", "ties", "eos_in_steps", "cap"])
+@pytest.mark.parametrize("case", ["plain", "ties", "eos_in_steps", "cap", "value_fn"])
 @pytest.mark.parametrize("beam_width", [1, 3])
 def test_cached_beam_search_equals_the_full_recompute_reference(beam_width, case):
     policy = tiny_model(seed=1)
@@ -242,7 +242,9 @@ def test_cached_beam_search_equals_the_full_recompute_reference(beam_width, case
     kwargs = dict(beam_width=beam_width, delimiters=delimiters, max_new_tokens=60 if case == "cap" else 16,
                   stop=() if case == "cap" else tuple("qrstuvwxyz"), batch_size=20, temperature=1.0, top_p=0.95)
     generators = [torch.Generator().manual_seed(0) for _ in range(2)]
-    cached = search.value_beam_search(policy, tokenizer, value_model, prompts, generator=generators[0], **kwargs)
+    # "value_fn": the cached policy with the value given as a function of whole sequences
+    value = (lambda seqs: search.last_token_values(value_model, seqs)) if case == "value_fn" else value_model
+    cached = search.value_beam_search(policy, tokenizer, value, prompts, generator=generators[0], **kwargs)
     reference = search.value_beam_search(policy, tokenizer, value_model, prompts, generator=generators[1],
                                          cached=False, **kwargs)
     assert torch.equal(generators[0].get_state(), generators[1].get_state()), "both must draw the same numbers"
