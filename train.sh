@@ -220,22 +220,22 @@ if [ "$MODE" = sweep ]; then
     python report.py sweep $OUT
     exit 0
 fi
-# longest first (beam search), while the short stages fill the other slot
+# the headline rows first (so that an interrupted run already has them), beam search early (it is the longest)
 job oreo collect
-job beam_oreo oreo
+job rs collect
 job beam_sft oreo
+job diagnose oreo
+job eval_sft sft
+job eval_rs rs
+job eval_oreo oreo
+job choice oreo
+job beam_oreo oreo
 job oreo_step collect
 job dpo collect
 job kto collect
-job rs collect
-job diagnose oreo
-job eval_sft sft
-job eval_oreo oreo
-job choice oreo
 job eval_oreo_step oreo_step
 job eval_dpo dpo
 job eval_kto kto
-job eval_rs rs
 for r in $(seq 2 $ROUNDS); do
     for method in oreo rs; do
         job "collect_r $method $r" $([ $r -eq 2 ] && echo $method || echo "${method}_r:$((r - 1))")
