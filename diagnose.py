@@ -15,6 +15,7 @@ The built-in demo's diagnostics: what the accuracies alone do not show.
    of the SFT policy per test problem, and OREO's value V at the state before the first line and after every
    line (at its newline; after the last line, at the token before EOS: the state whose action is EOS). On the
    samples with exactly one wrong step: the mean change of V across the wrong step against across the right ones.
+   Left out while there is no value model yet (so 1 and 2 can be read as soon as SFT and collect are done).
 
 Imports data, model (through search) and search; nothing imports it.
 """
@@ -114,9 +115,7 @@ def credit(value_paths, checks, rewards, n_paths):
 def diagnose(args):
     out = Path(args.out)
     policy, tokenizer = search.load_policy(args.policy or out / "sft" / "policy", "cpu", torch.float32)
-    value_folder = args.value or out / "oreo" / "value"
-    value_model = search.load_value(value_folder, policy, tokenizer, args.policy or out / "sft" / "policy", "cpu",
-                                    torch.float32)
+    value_folder = Path(args.value or out / "oreo" / "value")
     loss, floor = sft_fit(policy, tokenizer, data.load_trajectories(out / "data" / "demos.jsonl"))
     val_demos = data.builtin_demonstrations(data.load_problems(out / "data" / "problems_val.jsonl"), args.seed,
                                             per_problem=4)
@@ -138,14 +137,18 @@ def diagnose(args):
         row["reward"] = data.grade(row["response"], row["gold"])
     seqs = [prompts[i // args.k] + t for i, t in enumerate(tokens)]
     positions = [state_positions(tokenizer, len(prompts[i // args.k]), t) for i, t in enumerate(tokens)]
-    value_paths = values_at(value_model, seqs, positions, tokenizer.pad_id, args.batch_size)
-    checks = [data.builtin_check_steps(question(r), r["response"]) for r in rows]
     result["test_samples"] = step_stats(rows)
-    result["credit"] = credit(value_paths, checks, [r["reward"] for r in rows], args.paths)
-    result["credit"].update(value=str(value_folder), problems=len(problems), k=args.k)
-    c = result["credit"]
-    print(f"diagnose: {c['samples']} test samples with exactly one wrong step: mean ΔV across it "
-          f"{c['dv_wrong'][0]}, across the right steps {c['dv_right'][0]}", file=sys.stderr)
+    if value_folder.is_dir():
+        value_model = search.load_value(value_folder, policy, tokenizer, args.policy or out / "sft" / "policy",
+                                        "cpu", torch.float32)
+        value_paths = values_at(value_model, seqs, positions, tokenizer.pad_id, args.batch_size)
+        checks = [data.builtin_check_steps(question(r), r["response"]) for r in rows]
+        c = result["credit"] = credit(value_paths, checks, [r["reward"] for r in rows], args.paths)
+        c.update(value=str(value_folder), problems=len(problems), k=args.k)
+        print(f"diagnose: {c['samples']} test samples with exactly one wrong step: mean ΔV across it "
+              f"{c['dv_wrong'][0]}, across the right steps {c['dv_right'][0]}", file=sys.stderr)
+    else:   # before OREO has run: the SFT diagnostics alone
+        print(f"diagnose: no value model in {value_folder}: credit assignment left out", file=sys.stderr)
     data.write_text(out / "diagnostics.json", json.dumps(result, indent=1))
     print(f"diagnose: wrote {out}/diagnostics.json", file=sys.stderr)
     return result
@@ -155,7 +158,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="a train.sh output folder (data/, sft/, oreo/)")
     parser.add_argument("--policy", help="the sampling policy (default OUT/sft/policy)")
-    parser.add_argument("--value", help="the value model (default OUT/oreo/value)")
+    parser.add_argument("--value", help="the value model (default OUT/oreo/value; none there: no credit assignment)")
     parser.add_argument("--problems", help="problems to sample on (default OUT/data/problems_test.jsonl)")
     parser.add_argument("--limit", type=int, default=500, help="only the first N problems (0: all)")
     parser.add_argument("-k", "--k", type=int, default=4, help="samples per problem")

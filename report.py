@@ -98,8 +98,15 @@ def read_diagnostics(out):
     path = Path(out, "diagnostics.json")
     if not path.exists():
         return {}
-    d = json.loads(path.read_text())
-    return {label: (get(d), share) for label, get, share in DIAGNOSTICS if get(d) is not None}
+    d, rows = json.loads(path.read_text()), {}
+    for label, get, share in DIAGNOSTICS:
+        try:
+            value = get(d)
+        except KeyError:   # diagnose.py ran before OREO: no credit assignment
+            continue
+        if value is not None:
+            rows[label] = (value, share)
+    return rows
 
 
 def svg_value_paths(paths, title):
@@ -194,7 +201,7 @@ def report(outs, dest):
     write(Path(dest, "results.svg"), svg_chart(charted, title))
     written = ["results.json", "results.svg"]
     first = Path(outs[0], "diagnostics.json")
-    if first.exists() and json.loads(first.read_text())["credit"]["paths"]:
+    if first.exists() and json.loads(first.read_text()).get("credit", {}).get("paths"):
         paths = json.loads(first.read_text())["credit"]["paths"]
         write(Path(dest, "value_paths.svg"), svg_value_paths(paths, f"OREO's value along {len(paths)} SFT samples "
                                                                     f"with one wrong step ({outs[0]})"))
