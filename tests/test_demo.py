@@ -138,7 +138,7 @@ def test_sft_fit_nll_is_the_trainers_sft_loss_and_the_floor_its_entropy_per_toke
 
 # ---- the whole pipeline at tiny size -----------------------------------------------------------------------
 
-def run_train_sh(out, timeout=400):
+def run_train_sh(out, timeout=1200):
     proc = subprocess.run(["bash", os.path.join(ROOT, "train.sh"), "--out", str(out), "--seed", "1", "--rounds", "2"],
                           env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"train.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -275,7 +275,7 @@ def test_progress_shows_stages_steps_and_eta(run):
 
 def test_rerun_skips_every_finished_stage(run):
     out, _ = run
-    stdout = run_train_sh(out, timeout=120)
+    stdout = run_train_sh(out, timeout=300)
     assert " start " not in stdout, f"a finished stage ran again:\n{stdout}"
 
 
