@@ -398,6 +398,39 @@ def builtin_demonstration(problem, rng, p_misread=0.7):
     return "\n".join(lines) + f"\n#### {value}"
 
 
+def builtin_demonstration_entropy(question, p_misread=0.7):
+    """The demonstrator's entropy over its solutions of one question, in nats: every '*' step is a coin
+    (misread or not) and everything else follows from the coins, so H = n('*') · H_binary(p_misread). Divided by
+    the tokens it is spread over, this is the floor that SFT's loss (nats per token) can reach on the demos."""
+    _, ops = _parse_builtin(question)
+    coin = -sum(p * math.log(p) for p in (p_misread, 1 - p_misread) if p > 0)
+    return sum(op == "*" for op, _ in ops) * coin
+
+
+_BUILTIN_LINE = re.compile(r"(\d)([+\-*])(\d)=(\d)")
+
+
+def builtin_check_steps(question, response):
+    """(follows, right) per line of a built-in task response. An operation line 'a op b=c' follows when c is
+    a op b (its result follows from the operator it wrote); it is right when it also is the step the question
+    asks at that point: a is the previous line's result (the start digit first), op and b the question's. The
+    answer line '#### n' (after all operations) follows and is right when n is the previous line's result. An
+    unreadable line, an operation line too many or an early answer neither follows nor is right."""
+    value, ops = _parse_builtin(question)
+    checks = []
+    for k, line in enumerate(response.split("\n")):
+        m = _BUILTIN_LINE.fullmatch(line)
+        if m and k < len(ops):
+            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            follows = c == OPS[op](a, b)
+            checks.append((follows, follows and a == value and (op, b) == ops[k]))
+            value = c
+        else:
+            ok = k == len(ops) and line == f"#### {value}"
+            checks.append((ok, ok))
+    return checks
+
+
 def builtin_demonstrations(problems, seed, per_problem=1, p_misread=0.7):
     """Graded imperfect demonstrations as trajectory rows: offline data with a 0/1 reward and no model."""
     rng, demos = random.Random(f"demos:{seed}"), []

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -360,11 +361,12 @@ def parse_methods(spec):
     for name in spec.split(","):
         kind = name.rstrip("0123456789")
         width = name[len(kind):]
-        if kind in ("greedy", "sample") and not width or kind in ("beam", "bestof") and width and int(width) > 0:
+        if (kind in ("greedy", "sample") and not width
+                or kind in ("beam", "randbeam", "bestof") and width and int(width) > 0):
             methods.append((kind, int(width or 1)))
         else:
-            raise data.UserError(f"--methods: unknown method {name!r}; use greedy, sample, beamB or bestofK "
-                             f"(e.g. beam5, bestof4)")
+            raise data.UserError(f"--methods: unknown method {name!r}; use greedy, sample, beamB, randbeamB or "
+                                 f"bestofK (e.g. beam5, bestof4)")
     return methods
 
 
@@ -411,8 +413,10 @@ def evaluate(args):
                                           generator=generator, stop=tuple(args.stop),
                                           **(dict(sampling, temperature=0.0) if kind == "greedy" else sampling))
             n_tokens = sum(len(r) for r in responses)
-        elif kind == "beam":
-            results = value_beam_search(policy, tokenizer, value_model, prompts, width, delimiters,
+        elif kind in ("beam", "randbeam"):   # randbeam: seeded random scores instead of the value (a control)
+            rng = random.Random(args.seed)
+            score = value_model if kind == "beam" else lambda seqs: [rng.random() for _ in seqs]
+            results = value_beam_search(policy, tokenizer, score, prompts, width, delimiters,
                                         args.max_new_tokens, generator=generator, batch_size=args.batch_size,
                                         max_steps=args.max_steps, stop=tuple(args.stop), **sampling)
             responses = [r["response"] for r in results]
@@ -493,7 +497,8 @@ def build_parser():
     p.add_argument("--value", help="value model folder (needed by beam and bestof); may come from another run "
                    "than --policy, e.g. the SFT policy with an OREO value to isolate what the value adds")
     p.add_argument("--methods", default="greedy,sample,beam3,beam5,bestof4",
-                   help="comma-separated: greedy, sample, beamB (B beams, B samples each), bestofK")
+                   help="comma-separated: greedy, sample, beamB (B beams, B samples each), randbeamB (the same "
+                   "search scored at random: the control for the value), bestofK")
     p.add_argument("--delimiters", default="gsm8k", help="step delimiters for beam search: a preset of "
                    "data.STEP_DELIMITERS (gsm8k, math) or a JSON list of strings")
     p.add_argument("--max-steps", type=int, default=20, help="beam search expansions (paper: 20)")

@@ -3,10 +3,12 @@
 #
 #   bash train.sh [--out DIR] [--seed S] [--rounds N]
 #                       the built-in task on a CPU in minutes, under one folder (default out/demo): data → SFT →
-#                       collect → RS / DPO / OREO-token / OREO-step → test evaluation → table (JSON, SVG).
-#                       Re-running skips finished stages and resumes an interrupted one.
+#                       collect → RS / DPO / KTO / OREO-token / OREO-step → test evaluation → diagnostics
+#                       (diagnose.py) → table (JSON, SVG). --rounds N: N rounds of collect-with-the-new-policy,
+#                       then retrain, for RS and OREO alike. Re-running skips finished stages and resumes an
+#                       interrupted one.
 #   bash train.sh sweep [--out DIR] [--seed S]
-#                       the learning-rate sweep behind the defaults below: every method, the same 3 learning rates,
+#                       the learning-rate sweep behind the defaults below: every method, the same learning rates,
 #                       greedy accuracy on the VALIDATION problems (the test problems choose nothing).
 #   bash train.sh agent [--out DIR] [--seed S]
 #                       the agent demo (default out/agent): household.py's ALFWorld-style environment; a tiny model
@@ -72,7 +74,7 @@ fi
 [ "$MODE" = agent ] && OUT=${OUT:-out/agent}
 OUT=${OUT:-out/demo}
 SEED=${SEED:-0}
-ROUNDS=${ROUNDS:-1}                  # iterative OREO: rounds of collect-with-the-new-policy, then retrain
+ROUNDS=${ROUNDS:-1}                  # iterative RS and OREO: rounds of collect-with-the-new-policy, then retrain
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT=$2; shift 2 ;;
@@ -85,22 +87,27 @@ done
 N_TRAIN=${N_TRAIN:-400} N_VAL=${N_VAL:-200} N_TEST=${N_TEST:-1000}   # problems per split
 N_OPS=${N_OPS:-6}                    # operations (solution steps) per problem
 DEMOS=${DEMOS:-4}                    # imperfect demonstrations per training problem (SFT data)
-SFT_EPOCHS=${SFT_EPOCHS:-16}
+SFT_EPOCHS=${SFT_EPOCHS:-24}         # d_model 128: the loss nears the demonstrations' entropy floor (diagnose.py)
 K=${K:-4}                            # graded samples per training problem: the offline data of every method
 STEPS=${STEPS:-200}                  # optimizer steps of each offline method, batch 32 sequences (pairs for DPO)
 BATCH=${BATCH:-32}
-BEAMS=${BEAMS:-3,5}                  # beam widths of the value-guided beam search with OREO's policy
-SFT_BEAMS=${SFT_BEAMS:-3}            # ... and with the SFT policy
-BEAM_PROBLEMS=${BEAM_PROBLEMS:-500}  # the first test problems that beam search runs on
-MODEL=${MODEL:-"--n-layer 4 --d-model 96 --n-head 4"}
-# Learning rates: the best of {3e-5, 1e-4, 3e-4} on the validation problems (bash train.sh sweep; README table).
-LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-3e-5} LR_OREO=${LR_OREO:-3e-4} LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
+BEAMS=${BEAMS:-3}                    # beam widths of the value-guided beam search with OREO's policy
+SFT_BEAMS=${SFT_BEAMS:-3}            # ... and with the SFT policy (each also with random scores: the control)
+BEAM_PROBLEMS=${BEAM_PROBLEMS:-300}  # the first test problems that beam search runs on
+DIAG_PROBLEMS=${DIAG_PROBLEMS:-500}  # the first test problems diagnose.py samples K times each
+MODEL=${MODEL:-"--n-layer 4 --d-model 128 --n-head 4"}
+# Learning rates: the best of {3e-5, 1e-4, 3e-4} on the validation problems (bash train.sh sweep) for the earlier,
+# weaker SFT policy (d_model 96, 16 epochs); not yet re-tuned for this one. KTO's is DPO's (never swept).
+LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-3e-5} LR_KTO=${LR_KTO:-3e-5} LR_OREO=${LR_OREO:-3e-4}
+LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
 VALUE_LR=${VALUE_LR:-1e-3}           # OREO's value model (both variants)
-SWEEP_LRS=${SWEEP_LRS:-"3e-5 1e-4 3e-4"}
+SWEEP_LRS=${SWEEP_LRS:-"1e-5 3e-5 1e-4 3e-4 1e-3"}
 # Two processes at a time with one thread each: on 2 shared cores this beats one process with two threads.
 PARALLEL=${PARALLEL:-2}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-SFT_THREADS=${SFT_THREADS:-2}        # SFT runs alone: there two threads are faster
+# The thread count is part of the result: float sums split over 2 threads round differently than over 1, so it
+# is set here, never inherited (so is the CPU's instruction set: another CPU model gives other numbers).
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+SFT_THREADS=${SFT_THREADS:-2}        # SFT runs alone: two threads are faster on idle cores, one on busy ones
 
 D=$OUT/data
 TRAIN=(--batch-size $BATCH --micro-batch-size $BATCH --max-steps $STEPS --seed $SEED --save-every 50 --resume)
@@ -110,16 +117,19 @@ mkdir -p "$OUT/logs" "$OUT/.done" "$OUT/eval"
 # ---- Stages: each one a function; a stage that finished (OUT/.done/NAME) is skipped on a re-run -----------------
 stage_data() { python data.py builtin $D --seed $SEED --n-train $N_TRAIN --n-val $N_VAL --n-test $N_TEST \
                    --n-steps $N_OPS --demos-per-problem $DEMOS; }
-stage_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --data $D/demos.jsonl --epochs $SFT_EPOCHS --lr 1e-3 $MODEL \
+stage_sft() { OMP_NUM_THREADS=$SFT_THREADS MKL_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft \
+                  --data $D/demos.jsonl --epochs $SFT_EPOCHS --lr 1e-3 $MODEL \
                   --batch-size $BATCH --micro-batch-size $BATCH --seed $SEED --save-every 200 --resume --out $OUT/sft; }
-# round r's offline data: K graded samples per training problem from the SFT policy (r = 1) or OREO round r-1
+# round r's offline data: K graded samples per training problem from the SFT policy (r = 1, shared by every method)
+# or from the method's round r-1 policy (collect POLICY ROUND FILE)
 collect() { python search.py collect --policy $1 --problems $D/problems_train.jsonl -k $K --max-new-tokens 64 \
-                --seed $((SEED + 1000 * ($2 - 1))) --out $D/samples_r$2.jsonl; }
-stage_collect() { collect $OUT/sft/policy 1; }
+                --seed $((SEED + 1000 * ($2 - 1))) --out $3; }
+stage_collect() { collect $OUT/sft/policy 1 $D/samples_r1.jsonl; }
 train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/samples_r1.jsonl "${TRAIN[@]}" \
               --out $OUT/$name "$@"; }
 stage_rs() { train rs --loss rs --lr $LR_RS; }
 stage_dpo() { train dpo --loss dpo --lr $LR_DPO; }
+stage_kto() { train kto --loss kto --lr $LR_KTO; }
 stage_oreo() { train oreo --lr $LR_OREO --value-lr $VALUE_LR; }
 stage_oreo_step() { train oreo_step --variant step --lr $LR_OREO_STEP --value-lr $VALUE_LR; }
 evaluate() { local name=$1; shift; python search.py eval --problems $D/problems_test.jsonl "${EVAL[@]}" "$@" \
@@ -127,26 +137,34 @@ evaluate() { local name=$1; shift; python search.py eval --problems $D/problems_
 stage_eval_sft() { evaluate sft --policy $OUT/sft/policy --methods greedy,sample; }
 stage_eval_rs() { evaluate rs --policy $OUT/rs/policy --methods greedy; }
 stage_eval_dpo() { evaluate dpo --policy $OUT/dpo/policy --methods greedy; }
+stage_eval_kto() { evaluate kto --policy $OUT/kto/policy --methods greedy; }
 stage_eval_oreo() { evaluate oreo --policy $OUT/oreo/policy --methods greedy; }
 stage_eval_oreo_step() { evaluate oreo_step --policy $OUT/oreo_step/policy --methods greedy; }
 # Beam search costs ~B² samples per step, so it runs on the first BEAM_PROBLEMS test problems (the table also
-# counts greedy on exactly those). The SFT policy searched with OREO's value isolates what the value adds.
+# counts greedy on exactly those). The SFT policy searched with OREO's value isolates what the value adds; the same
+# search with random scores (randbeamB) is its control.
 beam() { echo "$1" | sed 's/^/beam/; s/,/,beam/g'; }   # "3,5" -> "beam3,beam5"
 stage_beam_oreo() { evaluate beam_oreo --policy $OUT/oreo/policy --value $OUT/oreo/value --methods $(beam $BEAMS) \
                         --limit $BEAM_PROBLEMS; }
-stage_beam_sft() { evaluate beam_sft --policy $OUT/sft/policy --value $OUT/oreo/value --methods $(beam $SFT_BEAMS) \
-                       --limit $BEAM_PROBLEMS; }
+stage_beam_sft() { evaluate beam_sft --policy $OUT/sft/policy --value $OUT/oreo/value --limit $BEAM_PROBLEMS \
+                       --methods $(beam $SFT_BEAMS),$(beam $SFT_BEAMS | sed 's/beam/randbeam/g'); }
 # how well the value tells right from wrong: choose 1 of K SFT samples by the value, against chance and the best
 stage_choice() { evaluate choice --policy $OUT/sft/policy --value $OUT/oreo/value --methods bestof$K; }
-# iterative OREO, round r ≥ 2: collect with round r-1's policy, continue training from its policy and value
-prev() { if [ $1 -eq 2 ]; then echo $OUT/oreo; else echo $OUT/oreo_r$(($1 - 1)); fi; }
-stage_collect_r() { collect $(prev $1)/policy $1; }
-stage_oreo_r() { python oreo.py --init $(prev $1)/policy --init-value $(prev $1)/value \
-                     --data $D/samples_r$1.jsonl "${TRAIN[@]}" --lr $LR_OREO --value-lr $VALUE_LR --out $OUT/oreo_r$1; }
-stage_eval_oreo_r() { evaluate oreo_r$1 --policy $OUT/oreo_r$1/policy --methods greedy; }
+# has SFT learnt what it was shown, how many positives are lucky, does OREO's value drop at the wrong step
+stage_diagnose() { python diagnose.py $OUT --limit $DIAG_PROBLEMS -k $K --seed $SEED; }
+# iterative RS and OREO, round r ≥ 2 (the same K samples per problem each round): collect with the method's round
+# r-1 policy, continue training from it (OREO: from its policy and value)
+prev() { if [ $2 -eq 2 ]; then echo $OUT/$1; else echo $OUT/$1_r$(($2 - 1)); fi; }   # prev METHOD ROUND
+stage_collect_r() { collect $(prev $1 $2)/policy $2 $D/samples_$1_r$2.jsonl; }        # stage_collect_r METHOD ROUND
+stage_rs_r() { python oreo.py --loss rs --init $(prev rs $1)/policy --data $D/samples_rs_r$1.jsonl "${TRAIN[@]}" \
+                   --lr $LR_RS --out $OUT/rs_r$1; }
+stage_oreo_r() { python oreo.py --init $(prev oreo $1)/policy --init-value $(prev oreo $1)/value \
+                     --data $D/samples_oreo_r$1.jsonl "${TRAIN[@]}" --lr $LR_OREO --value-lr $VALUE_LR \
+                     --out $OUT/oreo_r$1; }
+stage_eval_r() { evaluate $1_r$2 --policy $OUT/$1_r$2/policy --methods greedy; }     # stage_eval_r METHOD ROUND
 # sweep: one run per (method, learning rate), greedy accuracy on the validation problems
 stage_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
-    case $method in rs|dpo) flags+=(--loss $method) ;; oreo) flags+=(--value-lr $VALUE_LR) ;;
+    case $method in rs|dpo|kto) flags+=(--loss $method) ;; oreo) flags+=(--value-lr $VALUE_LR) ;;
                     oreo_step) flags+=(--variant step --value-lr $VALUE_LR) ;; esac
     train $name "${flags[@]}"
     python search.py eval --problems $D/problems_val.jsonl "${EVAL[@]}" --policy $OUT/$name/policy \
@@ -160,6 +178,9 @@ ORDER=() RUNNING=0
 job() { ORDER+=("$1"); DEPS[$1]="${*:2}"; }   # job NAME [DEPENDENCY ...]; NAME "oreo_r 2" runs stage_oreo_r 2
 done_file() { echo "$OUT/.done/${1// /_}"; }
 n_done() { local name n=0; for name in "${ORDER[@]}"; do [ -e "$(done_file "$name")" ] && n=$((n + 1)); done; echo $n; }
+# the CPU seconds (user + system) of a stage's processes, from the second line of what `times` wrote
+cpu_s() { tail -1 "$OUT/logs/${1// /_}.log.cpu" |
+              awk '{ split($1, u, "m"); split($2, s, "m"); printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }'; }
 elapsed() { local s=$(($(date +%s) - T0)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
 # terminal: every line of a stage, except its training steps only every 25th (the full log is in OUT/logs)
 show() { awk -v tag="[$1]" '$1 == "step" { split($2, n, "/"); if (n[1] % 25 && n[1] != n[2]) next }
@@ -167,7 +188,10 @@ show() { awk -v tag="[$1]" '$1 == "step" { split($2, n, "/"); if (n[1] % 25 && n
 start() {
     local log=$OUT/logs/${1// /_}.log
     echo "== $(elapsed) start $1 (log $log)"
-    ( set -o pipefail; stage_$1 2>&1 | tee "$log" | show "$1" && touch "$(done_file "$1")" ) &
+    # log.cpu: the stage's CPU seconds (user, system), which other jobs on the same cores inflate far less than
+    # its wall time
+    ( set -o pipefail; rc=0; stage_$1 2>&1 | tee "$log" | show "$1" || rc=$?
+      times > "$log.cpu"; [ $rc = 0 ] && touch "$(done_file "$1")"; exit $rc ) &
     PIDS[$1]=$!; STARTED[$1]=$(date +%s); RUNNING=$((RUNNING + 1))
 }
 run_all() {
@@ -180,7 +204,8 @@ run_all() {
                 wait ${PIDS[$name]} || { echo "train.sh: stage '$name' failed; see $OUT/logs/${name// /_}.log" >&2
                                          exit 1; }
                 unset "PIDS[$name]"; RUNNING=$((RUNNING - 1))
-                echo "== $(elapsed) done $name in $(($(date +%s) - STARTED[$name])) s | $(n_done)/${#ORDER[@]} stages"
+                echo "== $(elapsed) done $name in $(($(date +%s) - STARTED[$name])) s (CPU $(cpu_s "$name") s) |" \
+                     "$(n_done)/${#ORDER[@]} stages"
             fi
         done
         count=$(n_done)
@@ -249,28 +274,33 @@ job data
 job sft data
 job collect sft
 if [ "$MODE" = sweep ]; then
-    for lr in $SWEEP_LRS; do for method in oreo oreo_step dpo rs; do job "sweep $method $lr" collect; done; done
+    for lr in $SWEEP_LRS; do for method in oreo oreo_step dpo kto rs; do job "sweep $method $lr" collect; done; done
     run_all
     python report.py sweep $OUT
     exit 0
 fi
-# longest first (beam search), while the short stages fill the other slot
+# the headline rows first (so that an interrupted run already has them), beam search early (it is the longest)
 job oreo collect
-job beam_oreo oreo
-job beam_sft oreo
-job oreo_step collect
-job dpo collect
 job rs collect
+job beam_sft oreo
+job diagnose oreo
 job eval_sft sft
+job eval_rs rs
 job eval_oreo oreo
 job choice oreo
+job beam_oreo oreo
+job oreo_step collect
+job dpo collect
+job kto collect
 job eval_oreo_step oreo_step
 job eval_dpo dpo
-job eval_rs rs
+job eval_kto kto
 for r in $(seq 2 $ROUNDS); do
-    job "collect_r $r" $([ $r -eq 2 ] && echo oreo || echo "oreo_r:$((r - 1))")
-    job "oreo_r $r" "collect_r:$r"
-    job "eval_oreo_r $r" "oreo_r:$r"
+    for method in oreo rs; do
+        job "collect_r $method $r" $([ $r -eq 2 ] && echo $method || echo "${method}_r:$((r - 1))")
+        job "${method}_r $r" "collect_r:$method:$r"
+        job "eval_r $method $r" "${method}_r:$r"
+    done
 done
 echo "== train.sh: the built-in task, seed $SEED, $ROUNDS round(s), $PARALLEL stages at a time, output in $OUT"
 run_all

@@ -1,0 +1,173 @@
+"""
+The built-in demo's diagnostics: what the accuracies alone do not show.
+
+    python diagnose.py out/demo        # OUT/diagnostics.json; report.py puts it in the table and draws V's paths
+
+1. Has SFT learnt what it was shown? Its loss on its demonstrations and on fresh ones of the validation problems
+   (nats per token, per-sequence mean as in training) next to their entropy floor
+   (data.builtin_demonstration_entropy; only below it on the training demonstrations, by memorising their coins),
+   and the per-step accuracy of its offline samples (OUT/data/samples_r1.jsonl): a step is right when its result
+   follows from the operator it wrote.
+2. Are the offline rewards signal or luck? The share of reward-1 samples with a wrong step ("lucky positives";
+   data.builtin_check_steps says what a wrong step is: wrong operator or operand, wrong carried value, or wrong
+   arithmetic).
+3. Does OREO's value assign credit to the step that made the error (the paper's central claim)? K fresh samples
+   of the SFT policy per test problem, and OREO's value V at the state before the first line and after every
+   line (at its newline; after the last line, at the token before EOS: the state whose action is EOS). On the
+   samples with exactly one wrong step: the mean change of V across the wrong step against across the right ones.
+   Left out while there is no value model yet (so 1 and 2 can be read as soon as SFT and collect are done).
+
+Imports data, model (through search) and search; nothing imports it.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import search
+
+
+@torch.no_grad()
+def sft_fit(policy, tokenizer, demos):
+    """(SFT's mean NLL, the entropy floor), both nats per action token averaged per sequence as oreo.py's
+    nll_loss does, over the demonstrations."""
+    nll, floor = [], []
+    for i in range(0, len(demos), 256):
+        examples = [data.encode_trajectory(tokenizer, d, 2048) for d in demos[i:i + 256]]
+        batch = data.collate(examples, tokenizer.pad_id)
+        ids, mask = batch["input_ids"], batch["mask"]
+        logp = policy(ids)[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]   # (B, L-1)
+        nll += ((-logp * mask).sum(-1) / mask.sum(-1)).tolist()
+        floor += [data.builtin_demonstration_entropy(question(d)) / sum(e.mask) for d, e in zip(demos[i:], examples)]
+    return statistics.fmean(nll), statistics.fmean(floor)
+
+
+def question(row):
+    return row["prompt"].strip()   # the built-in prompts are plain: the question and a newline
+
+
+def step_stats(rows):
+    """Per-step accuracy of the operation lines, share of samples with every step right, lucky positives."""
+    op_lines = follows = all_right = positives = lucky = 0
+    for row in rows:
+        checks = data.builtin_check_steps(question(row), row["response"])
+        n_ops = len(question(row).split()) - 1
+        op_lines += len(checks[:n_ops])
+        follows += sum(f for f, _ in checks[:n_ops])
+        wrong = not all(r for _, r in checks)
+        all_right += not wrong
+        positives += row["reward"] == 1
+        lucky += row["reward"] == 1 and wrong
+    return {"samples": len(rows), "step_accuracy": follows / max(op_lines, 1), "all_steps_right": all_right / len(rows),
+            "correct": positives / len(rows), "lucky_positives": lucky / max(positives, 1), "positives": positives}
+
+
+def state_positions(tokenizer, n_prompt, tokens):
+    """Positions (in prompt + tokens) of the state before the first line and after each line: a line's newline
+    token, and for the last line the token before EOS (the last token when the sample was cut at its length)."""
+    positions, offset = [n_prompt - 1], n_prompt
+    ended = bool(tokens) and tokens[-1] in tokenizer.stop_ids
+    body = tokens[:-1] if ended else tokens
+    for piece in tokenizer.token_bytes(body):
+        positions += [offset] * piece.count(b"\n")
+        offset += 1
+    return positions + [n_prompt + len(body) - 1]
+
+
+@torch.no_grad()
+def values_at(value_model, seqs, positions, pad_id, batch_size):
+    """V at the given positions of each token sequence (right padding leaves earlier positions unchanged)."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        T = max(len(s) for s in chunk)
+        values = value_model(torch.tensor([s + [pad_id] * (T - len(s)) for s in chunk]))   # (B, T)
+        out += [values[b, pos].tolist() for b, pos in enumerate(positions[i:i + batch_size])]
+    return out
+
+
+def credit(value_paths, checks, rewards, n_paths):
+    """Changes of V across the wrong step and across the right steps of the samples with exactly one wrong step;
+    the share of them whose wrong step is V's largest drop; the first n_paths of them for the plot."""
+    wrong_dv, right_dv, largest, paths = [], [], 0, []
+    for values, check, reward in zip(value_paths, checks, rewards):
+        wrong = [k for k, (_, right) in enumerate(check) if not right]
+        if len(wrong) != 1 or len(values) != len(check) + 1:
+            continue
+        dv = [b - a for a, b in zip(values, values[1:])]
+        wrong_dv.append(dv[wrong[0]])
+        right_dv += [d for k, d in enumerate(dv) if k != wrong[0]]
+        largest += min(range(len(dv)), key=lambda k: dv[k]) == wrong[0]
+        if len(paths) < n_paths:
+            paths.append({"values": values, "wrong_step": wrong[0] + 1, "reward": reward})
+
+    def mean_se(xs):
+        return [statistics.fmean(xs), statistics.stdev(xs) / math.sqrt(len(xs))] if len(xs) > 1 else [None, None]
+    return {"samples": len(wrong_dv), "dv_wrong": mean_se(wrong_dv), "dv_right": mean_se(right_dv),
+            "wrong_is_largest_drop": largest / max(len(wrong_dv), 1), "paths": paths}
+
+
+def diagnose(args):
+    out = Path(args.out)
+    policy, tokenizer = search.load_policy(args.policy or out / "sft" / "policy", "cpu", torch.float32)
+    value_folder = Path(args.value or out / "oreo" / "value")
+    loss, floor = sft_fit(policy, tokenizer, data.load_trajectories(out / "data" / "demos.jsonl"))
+    val_demos = data.builtin_demonstrations(data.load_problems(out / "data" / "problems_val.jsonl"), args.seed,
+                                            per_problem=4)
+    val_loss, val_floor = sft_fit(policy, tokenizer, val_demos)
+    result = {"sft_loss": loss, "entropy_floor": floor, "sft_loss_val": val_loss, "entropy_floor_val": val_floor,
+              "sft_samples": step_stats(data.load_trajectories(out / "data" / "samples_r1.jsonl"))}
+    print(f"diagnose: SFT loss on its demonstrations {loss:.4f} nats/token (their entropy floor {floor:.4f}), on "
+          f"fresh ones of the validation problems {val_loss:.4f} (floor {val_floor:.4f})", file=sys.stderr)
+
+    problems = search.read_problems(args.problems or out / "data" / "problems_test.jsonl")[:args.limit or None]
+    prompts = [search.encode_prompt(tokenizer, p["question"], "plain") for p in problems]
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens, _ = search.sample_batched(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                      n_samples=args.k, temperature=1.0, generator=generator)
+    rows = [{"prompt": data.format_prompt(problems[i // args.k]["question"], "plain"),
+             "response": search.response_text(tokenizer, t), "gold": problems[i // args.k]["gold"]}
+            for i, t in enumerate(tokens)]
+    for row in rows:
+        row["reward"] = data.grade(row["response"], row["gold"])
+    seqs = [prompts[i // args.k] + t for i, t in enumerate(tokens)]
+    positions = [state_positions(tokenizer, len(prompts[i // args.k]), t) for i, t in enumerate(tokens)]
+    result["test_samples"] = step_stats(rows)
+    if value_folder.is_dir():
+        value_model = search.load_value(value_folder, policy, tokenizer, args.policy or out / "sft" / "policy",
+                                        "cpu", torch.float32)
+        value_paths = values_at(value_model, seqs, positions, tokenizer.pad_id, args.batch_size)
+        checks = [data.builtin_check_steps(question(r), r["response"]) for r in rows]
+        c = result["credit"] = credit(value_paths, checks, [r["reward"] for r in rows], args.paths)
+        c.update(value=str(value_folder), problems=len(problems), k=args.k)
+        print(f"diagnose: {c['samples']} test samples with exactly one wrong step: mean ΔV across it "
+              f"{c['dv_wrong'][0]}, across the right steps {c['dv_right'][0]}", file=sys.stderr)
+    else:   # before OREO has run: the SFT diagnostics alone
+        print(f"diagnose: no value model in {value_folder}: credit assignment left out", file=sys.stderr)
+    data.write_text(out / "diagnostics.json", json.dumps(result, indent=1))
+    print(f"diagnose: wrote {out}/diagnostics.json", file=sys.stderr)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="a train.sh output folder (data/, sft/, oreo/)")
+    parser.add_argument("--policy", help="the sampling policy (default OUT/sft/policy)")
+    parser.add_argument("--value", help="the value model (default OUT/oreo/value; none there: no credit assignment)")
+    parser.add_argument("--problems", help="problems to sample on (default OUT/data/problems_test.jsonl)")
+    parser.add_argument("--limit", type=int, default=500, help="only the first N problems (0: all)")
+    parser.add_argument("-k", "--k", type=int, default=4, help="samples per problem")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--paths", type=int, default=6, help="value paths kept for the plot")
+    parser.add_argument("--seed", type=int, default=0)
+    diagnose(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
