@@ -129,7 +129,7 @@ def test_sft_fit_nll_is_the_trainers_sft_loss_and_the_floor_its_entropy_per_toke
     nll, floor = diagnose.sft_fit(policy, TOKENIZER, demos)
     batch = data.collate([data.encode_trajectory(TOKENIZER, d, 2048) for d in demos], TOKENIZER.pad_id)
     with torch.no_grad():
-        logp = oreo.token_logprobs(policy(batch["input_ids"]), batch["input_ids"])
+        logp, _ = oreo.policy_logprobs(policy, batch["input_ids"], fused=False)
     assert nll == pytest.approx(oreo.nll_loss(logp, batch["mask"]).item(), rel=1e-5)
     # 4 operations: 4 lines of 6 bytes, "#### d" and EOS are the action tokens
     expected = sum(data.builtin_demonstration_entropy(p["question"]) / (4 * 6 + 6 + 1) for p in problems) / 5
