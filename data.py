@@ -16,6 +16,7 @@ import os
 import random
 import re
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def cli(prog, main, argv=None):
     """Run a command line's main(argv): a UserError stops it with 'prog: error: ...' on stderr and exit status 2.
-    Under torchrun every rank meets the same error (they read the same options and files): rank 0 prints it."""
+    Under torchrun every rank usually meets the same error (they read the same options and files): the others wait
+    a few seconds, so that rank 0 prints it and exits first, and torchrun stops them before they print it again; an
+    error that only another rank met is still printed, by that rank, after the wait."""
     try:
         return main(argv)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") != "0":
+            time.sleep(5)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
