@@ -237,6 +237,17 @@ def encode_prompt(tokenizer, question, style):
     return bos + tokenizer.encode(data.format_prompt(question, style), allow_special=True)
 
 
+def encode_prompts(tokenizer, problems, style, policy, path):
+    """encode_prompt of each problem; a prompt the policy cannot read (longer than its positions) is the user's
+    mistake, named by problem id."""
+    prompts = [encode_prompt(tokenizer, p["question"], style) for p in problems]
+    for problem, prompt in zip(problems, prompts):
+        if len(prompt) > policy.config.max_seq_len:
+            raise data.UserError(f"--problems {path}: problem {problem['id']!r} has a {len(prompt)}-token prompt; "
+                                 f"the policy reads at most {policy.config.max_seq_len} positions")
+    return prompts
+
+
 def response_text(tokenizer, tokens, stop=()):
     """The response as text, without the EOS (or other stop id) or the --stop string that ended it."""
     if tokens and tokens[-1] in tokenizer.stop_ids:
@@ -316,7 +327,7 @@ def collect(args):
     t0, n_done, n_correct, n_samples = time.time(), 0, 0.0, 0
     for c in mine:
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + c)
-        prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in chunks[c]]
+        prompts = encode_prompts(tokenizer, chunks[c], args.prompt_style, policy, args.problems)
         tokens, finish = sample_batched(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                         n_samples=args.k, temperature=args.temperature, top_p=args.top_p,
                                         top_k=args.top_k, generator=generator, stop=tuple(args.stop))
@@ -400,7 +411,7 @@ def evaluate(args):
         value_model = load_value(args.value, policy, tokenizer, args.policy, device, dtype)
     elif any(kind in ("beam", "bestof") for kind, _ in methods):
         raise data.UserError("--methods beam*/bestof* need a value model: pass --value FOLDER")
-    prompts = [encode_prompt(tokenizer, p["question"], args.prompt_style) for p in problems]
+    prompts = encode_prompts(tokenizer, problems, args.prompt_style, policy, args.problems)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     summary, per_problem, choice = {}, {}, {}
     for kind, width in methods:

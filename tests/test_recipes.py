@@ -16,6 +16,7 @@ import torch
 
 import data
 import oreo
+import search
 from model import LoRALinear, Transformer, ValueModel, add_lora, merge_lora
 from tests.hf_models import make_checkpoint
 
@@ -334,3 +335,14 @@ def test_every_command_line_stops_a_users_mistake_with_one_line_and_status_2(scr
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"{script}: error: "), p.stderr
     assert message.replace("BAD", str(bad)).replace("NOWHERE", str(tmp_path / "nowhere")) in p.stderr, p.stderr
+
+
+def test_a_prompt_longer_than_the_policy_reads_is_a_user_error_naming_the_problem(checkpoint, tmp_path):
+    positions = json.load(open(os.path.join(checkpoint, "config.json")))["max_position_embeddings"]
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"id": "short", "question": "1+1", "answer": "#### 2"}) + "\n"
+                        + json.dumps({"id": "long", "question": "9" * (2 * positions), "answer": "#### 9"}) + "\n")
+    for argv in (["eval", "--methods", "greedy"], ["collect", "-k", "1"]):
+        with pytest.raises(data.UserError, match=f"problem 'long' has a .*at most {positions} positions"):
+            search.main(argv + ["--policy", checkpoint, "--problems", str(problems), "--max-new-tokens", "4",
+                                "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
