@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+import hf
 import model
 from hf_models import FAMILIES, make_checkpoint
 
@@ -286,7 +287,7 @@ def test_save_replaces_folder_only_when_complete(checkpoints, tmp_path, monkeypa
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(model, "write_safetensors", fail)
+    monkeypatch.setattr(hf, "write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         ours.save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no temporary folder may be left behind"
