@@ -1,14 +1,12 @@
 """
 Everything the loss sees comes from this file: prompt formats, problem and trajectory files, the action mask and
-step starts of DESIGN.md §1, batching and sharding, and the built-in synthetic task; also the command lines' user
-errors (UserError, cli), since every command line imports this file. The tokenizer lives in
-tokenizer.py, answer extraction and grading in grading.py (both re-exported here).
+step starts of DESIGN.md §1, batching and sharding, and the built-in synthetic task. The tokenizer lives in
+tokenizer.py, answer extraction and grading in grading.py, the command lines' user errors and shared flags in cli.py
+(all re-exported here, since every command line imports this file).
 
     python data.py builtin OUT_DIR --seed 0      # writes the built-in task's problems and demonstrations
 """
 
-import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -16,55 +14,15 @@ import os
 import random
 import re
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
+from cli import (ArgumentParser, HelpFormatter, UserError, add_device_flags, as_user_error, cli,  # noqa: F401
+                 device_and_dtype)  # (re-exported: data.UserError, data.cli etc.)
+from files import write_atomic
 from grading import extract_answer, grade, is_equiv, last_boxed  # noqa: F401  (re-exported: data.grade etc.)
 from tokenizer import GPT2_PATTERN, Tokenizer  # noqa: F401  (re-exported: data.Tokenizer)
-
-# ----------------------------------------------------------------------------------------------------------
-# Errors a user can cause: one line and exit status 2 at the command line, no traceback
-
-class UserError(ValueError):
-    """A mistake in what the user gave (a file, a folder, an option) that they can fix. A command line run through
-    cli() prints it as one line, 'prog: error: ...', and exits with status 2; every other exception is a bug and
-    keeps its traceback."""
-
-
-@contextlib.contextmanager
-def as_user_error():
-    """Errors raised inside are the user's: model.py and tokenizer.py import nothing of ours, so reading a checkpoint
-    or tokenizer folder raises ValueError / OSError (with the file named); wrap such reads of user input only."""
-    try:
-        yield
-    except UserError:
-        raise
-    except (ValueError, OSError) as e:
-        raise UserError(str(e)) from e
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown option, bad value) are UserErrors, so they print the same one line."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-def cli(prog, main, argv=None):
-    """Run a command line's main(argv): a UserError stops it with 'prog: error: ...' on stderr and exit status 2.
-    Under torchrun every rank usually meets the same error (they read the same options and files): the others wait
-    a few seconds, so that rank 0 prints it and exits first, and torchrun stops them before they print it again; an
-    error that only another rank met is still printed, by that rank, after the wait."""
-    try:
-        return main(argv)
-    except UserError as e:
-        if os.environ.get("RANK", "0") != "0":
-            time.sleep(5)
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompt formats
@@ -170,12 +128,8 @@ def load_trajectories(path):
 
 
 def write_text(path, text):
-    """Write a file atomically: a temporary file next to it, then a rename, so a partial file never replaces a
-    good one and a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a file atomically (files.write_atomic): a partial file never replaces a good one."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def write_jsonl(path, rows):
@@ -356,6 +310,7 @@ def rejection_sampling(trajectories):
 # The built-in task: a start digit, then n_steps operations from {+, -, *} mod 10, one step per line.
 # Question "7 *4 +3 -8", solution "7*4=8\n8+3=1\n1-8=3\n#### 3".
 
+BUILTIN_TRAIN_PROBLEMS = 400  # the default of oreo.py --builtin-problems and of data.py builtin --n-train
 OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
 _BUILTIN_OP = re.compile(r"([+\-*])(\d)")
 
@@ -450,9 +405,9 @@ def main(argv=None):
     parser = ArgumentParser(description="Data utilities.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("builtin", help="write the built-in task: problems_{train,val,test}.jsonl and demos.jsonl")
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=400, help="training problems")
+    p.add_argument("out_dir", help="the folder to write the files into")
+    p.add_argument("--seed", type=int, default=0, help="seeds the problems of every split and the demonstrations")
+    p.add_argument("--n-train", type=int, default=BUILTIN_TRAIN_PROBLEMS, help="training problems")
     p.add_argument("--n-val", type=int, default=200, help="validation problems")
     p.add_argument("--n-test", type=int, default=1000, help="test problems")
     p.add_argument("--n-steps", type=int, default=6, help="operations per problem")

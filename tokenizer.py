@@ -2,7 +2,7 @@
 Tokenizers on tiktoken, built offline from what a checkpoint folder holds: tokenizer.json (byte-level BPE: GPT-2,
 Llama-3, Qwen2/2.5, DeepSeek ...), GPT-2 style vocab.json + merges.txt, or a *.tiktoken rank file; and the byte-level
 tokenizer of the built-in task. Nothing is downloaded: the byte-level alphabet is mapped back to bytes and
-rank = token id.
+rank = token id. Imports only files.py of ours (atomic writes).
 """
 import base64
 import json
@@ -14,6 +14,8 @@ import warnings
 
 import regex  # tiktoken's own dependency; Unicode classes (\p{L}) for tokenizer.json's Split patterns
 import tiktoken
+
+from files import write_atomic
 
 
 # Pre-tokenizer regexes. GPT-2's is what a tokenizer.json "ByteLevel" pre-tokenizer with use_regex applies; the
@@ -301,9 +303,7 @@ def _split_isolated(split, text):
 
 
 def _write_json(path, obj):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=1))
 
 
 def _read_tokenizer_json(path):
