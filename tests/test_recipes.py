@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import options
 import oreo
 import search
 from model import LoRALinear, Transformer, ValueModel, add_lora, merge_lora
@@ -44,7 +45,7 @@ def checkpoint_weights(out):
 @pytest.mark.parametrize("batch,default,world", [(32, 32, 1), (32, 32, 2), (32, 32, 8), (128, 4, 8), (128, 4, 64),
                                                  (96, 32, 3), (30, 4, 2), (7, 32, 7)])
 def test_without_micro_batch_flag_it_is_the_largest_that_fits_and_the_global_batch_stays(batch, default, world):
-    micro = oreo.micro_batch_size(batch, None, default, world)
+    micro = options.micro_batch_size(batch, None, default, world)
     fitting = [m for m in range(1, default + 1) if batch % (m * world) == 0]   # brute force
     assert micro == max(fitting)
     assert micro * (batch // (micro * world)) * world == batch
@@ -53,15 +54,15 @@ def test_without_micro_batch_flag_it_is_the_largest_that_fits_and_the_global_bat
 @pytest.mark.parametrize("batch,micro,world", [(32, 32, 2), (30, 4, 1), (32, 12, 8), (32, 5, 3)])
 def test_an_impossible_explicit_batch_is_refused_in_one_line_with_numbers_that_work(batch, micro, world):
     with pytest.raises(data.UserError) as e:
-        oreo.micro_batch_size(batch, micro, 4, world)
+        options.micro_batch_size(batch, micro, 4, world)
     msg = str(e.value)
     assert "\n" not in msg and f"--batch-size {batch}" in msg
     suggested = [int(w) for w in msg.replace(",", " ").split() if w.isdigit()]
     if batch % world == 0:
         new_micro = int(msg.split("use --micro-batch-size ")[1].split()[0])
-        assert oreo.micro_batch_size(batch, new_micro, 4, world) == new_micro
+        assert options.micro_batch_size(batch, new_micro, 4, world) == new_micro
         new_batch = int(msg.split("or --batch-size ")[1].split()[0])
-        assert oreo.micro_batch_size(new_batch, micro, 4, world) == micro
+        assert options.micro_batch_size(new_batch, micro, 4, world) == micro
     else:
         assert any(n % world == 0 and n > 0 for n in suggested), msg
 
