@@ -17,7 +17,7 @@ The built-in demo's diagnostics: what the accuracies alone do not show.
    samples with exactly one wrong step: the mean change of V across the wrong step against across the right ones.
    Left out while there is no value model yet (so 1 and 2 can be read as soon as SFT and collect are done).
 
-Imports data, model (through search) and search; nothing imports it.
+Imports data, loading and search; nothing imports it.
 """
 import argparse
 import json
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import data
+import loading
 import search
 
 
@@ -114,7 +115,7 @@ def credit(value_paths, checks, rewards, n_paths):
 
 def diagnose(args):
     out = Path(args.out)
-    policy, tokenizer = search.load_policy(args.policy or out / "sft" / "policy", "cpu", torch.float32)
+    policy, tokenizer = loading.load_policy(args.policy or out / "sft" / "policy", "cpu", torch.float32)
     value_folder = Path(args.value or out / "oreo" / "value")
     loss, floor = sft_fit(policy, tokenizer, data.load_trajectories(out / "data" / "demos.jsonl"))
     val_demos = data.builtin_demonstrations(data.load_problems(out / "data" / "problems_val.jsonl"), args.seed,
@@ -125,13 +126,13 @@ def diagnose(args):
     print(f"diagnose: SFT loss on its demonstrations {loss:.4f} nats/token (their entropy floor {floor:.4f}), on "
           f"fresh ones of the validation problems {val_loss:.4f} (floor {val_floor:.4f})", file=sys.stderr)
 
-    problems = search.read_problems(args.problems or out / "data" / "problems_test.jsonl")[:args.limit or None]
-    prompts = [search.encode_prompt(tokenizer, p["question"], "plain") for p in problems]
+    problems = loading.read_problems(args.problems or out / "data" / "problems_test.jsonl")[:args.limit or None]
+    prompts = [loading.encode_prompt(tokenizer, p["question"], "plain") for p in problems]
     generator = torch.Generator().manual_seed(args.seed)
     tokens, _ = search.sample_batched(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                       n_samples=args.k, temperature=1.0, generator=generator)
     rows = [{"prompt": data.format_prompt(problems[i // args.k]["question"], "plain"),
-             "response": search.response_text(tokenizer, t), "gold": problems[i // args.k]["gold"]}
+             "response": loading.response_text(tokenizer, t), "gold": problems[i // args.k]["gold"]}
             for i, t in enumerate(tokens)]
     for row in rows:
         row["reward"] = data.grade(row["response"], row["gold"])
@@ -139,8 +140,8 @@ def diagnose(args):
     positions = [state_positions(tokenizer, len(prompts[i // args.k]), t) for i, t in enumerate(tokens)]
     result["test_samples"] = step_stats(rows)
     if value_folder.is_dir():
-        value_model = search.load_value(value_folder, policy, tokenizer, args.policy or out / "sft" / "policy",
-                                        "cpu", torch.float32)
+        value_model = loading.load_value(value_folder, policy, tokenizer, args.policy or out / "sft" / "policy",
+                                         "cpu", torch.float32)
         value_paths = values_at(value_model, seqs, positions, tokenizer.pad_id, args.batch_size)
         checks = [data.builtin_check_steps(question(r), r["response"]) for r in rows]
         c = result["credit"] = credit(value_paths, checks, [r["reward"] for r in rows], args.paths)
@@ -155,17 +156,17 @@ def diagnose(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     parser.add_argument("out", help="a train.sh output folder (data/, sft/, oreo/)")
     parser.add_argument("--policy", help="the sampling policy (default OUT/sft/policy)")
     parser.add_argument("--value", help="the value model (default OUT/oreo/value; none there: no credit assignment)")
     parser.add_argument("--problems", help="problems to sample on (default OUT/data/problems_test.jsonl)")
     parser.add_argument("--limit", type=int, default=500, help="only the first N problems (0: all)")
     parser.add_argument("-k", "--k", type=int, default=4, help="samples per problem")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="response length limit in tokens")
+    parser.add_argument("--batch-size", type=int, default=256, help="sequences per forward pass")
     parser.add_argument("--paths", type=int, default=6, help="value paths kept for the plot")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling and the validation demonstrations")
     diagnose(parser.parse_args(argv))
 
 

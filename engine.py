@@ -18,6 +18,13 @@ from model import ValueModel
 # Sampling
 
 
+def right_padded(lists, device, width=None):
+    """Token lists as one (B, width) long tensor, each row padded with 0 on the right (width: the longest list).
+    Causal attention never looks ahead, so right padding needs no mask for the real tokens."""
+    width = max(len(t) for t in lists) if width is None else width
+    return torch.tensor([t + [0] * (width - len(t)) for t in lists], device=device)
+
+
 def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     """Next tokens (B,) from logits (B, V). temperature 0 = argmax; top_k 0 and top_p 1 switch those filters off."""
     if temperature == 0:
@@ -88,6 +95,12 @@ def end_state(tokenizer, response, finish, stop=()):
     return n
 
 
+def end_state_values(value_fn, tokenizer, prompts, responses, finish, stop=()):
+    """The value of each response at its end state (end_state: before the EOS or stop string that ended it), read
+    by value_fn(seqs) -> values at the last tokens on prompt + the response's tokens up to that state."""
+    return value_fn([p + r[:end_state(tokenizer, r, f, stop)] for p, r, f in zip(prompts, responses, finish)])
+
+
 def _limits(model, prompts, max_new_tokens):
     """Per-row new-token limits: max_new_tokens (an int or one per row), cut to the model's max_seq_len."""
     if isinstance(max_new_tokens, int):
@@ -107,7 +120,7 @@ def _as_tuple(strings):
 
 def _sample_rows(model, tokenizer, cache, logits, sources, limits, sampling, generator, stop, delimiters, contexts):
     """Sample each output row r from cache row sources[r] (its next-token logits in logits) until it finishes;
-    returns (new tokens per row, why each finished). Rows with limit 0 finish at once ("length"); the others are
+    returns (new tokens per row, finish: why each row finished). Rows with limit 0 finish at once ("length"); the others are
     forked from their sources. A finished row stays in the batch (decoded in vain) until finished rows are half of
     it or one would outgrow the cache: then they leave together, since every leaving copies the batch's cache.
     Only the unfinished rows are sampled, so the random numbers drawn do not depend on when rows leave."""
@@ -157,9 +170,9 @@ def generate_with_finish(model, tokenizer, prompts, max_new_tokens, temperature=
     device = model.lm_head.weight.device
     limits = _limits(model, prompts, max_new_tokens)
     contexts = contexts or [()] * len(prompts)
-    B, T = len(prompts), max(len(p) for p in prompts)
+    B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    input_ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right padded
+    input_ids = right_padded(prompts, device)                                        # (B, T)
     cache = model.new_cache(B, max(len(p) + n for p, n in zip(prompts, limits)))
     logits = model.prefill(input_ids, lengths, cache)                                # (B, V)
     rows = [r // n_samples for r in range(B * n_samples)]
@@ -181,8 +194,7 @@ def generate_naive(model, tokenizer, prompts, max_new_tokens, temperature=1.0, t
     while any(f is None for f in finish):
         active = [b for b, f in enumerate(finish) if f is None]
         seqs = [prompts[b] + out[b] for b in active]
-        T = max(len(s) for s in seqs)
-        input_ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
+        input_ids = right_padded(seqs, device)
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
         logits = model(input_ids)[torch.arange(len(seqs), device=device), last]     # (B_active, V)
         for b, token in zip(active, sample_next(logits, temperature, top_p, top_k, generator).tolist()):
@@ -207,11 +219,11 @@ def sample_batched(model, tokenizer, prompts, max_new_tokens, batch_size, n_samp
     out, finish = [None] * (len(prompts) * n_samples), [None] * (len(prompts) * n_samples)
     for i in range(0, len(order), per_batch):
         idx = order[i:i + per_batch]
-        tokens, why = generate_with_finish(model, tokenizer, [prompts[j] for j in idx], [limits[j] for j in idx],
-                                           n_samples=n_samples, **sampling)
+        tokens, batch_finish = generate_with_finish(model, tokenizer, [prompts[j] for j in idx],
+                                                    [limits[j] for j in idx], n_samples=n_samples, **sampling)
         for k, j in enumerate(idx):
             out[j * n_samples:(j + 1) * n_samples] = tokens[k * n_samples:(k + 1) * n_samples]
-            finish[j * n_samples:(j + 1) * n_samples] = why[k * n_samples:(k + 1) * n_samples]
+            finish[j * n_samples:(j + 1) * n_samples] = batch_finish[k * n_samples:(k + 1) * n_samples]
     return out, finish
 
 
@@ -228,8 +240,7 @@ def last_token_values(value_model, seqs, batch_size=64):
     values = [0.0] * len(seqs)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        T = len(seqs[idx[0]])
-        input_ids = torch.tensor([seqs[j] + [0] * (T - len(seqs[j])) for j in idx], device=device)  # (B, T)
+        input_ids = right_padded([seqs[j] for j in idx], device)                                   # (B, T)
         last = torch.tensor([len(seqs[j]) - 1 for j in idx], device=device)
         v = value_model(input_ids)[torch.arange(len(idx), device=device), last]    # right padding needs no mask
         for j, x in zip(idx, v.tolist()):
@@ -247,7 +258,7 @@ def _extend_rows(model, cache, new_tokens):
     T = max(1, max(lengths))
     padded = lambda c: len(lengths) * c + sum(n - c + 4 for n in lengths if n > c)   # token slots computed
     cut = min(sorted(set(lengths) - {0} | {T}), key=padded)
-    tokens = torch.tensor([t[:cut] + [0] * (cut - len(t[:cut])) for t in new_tokens], device=device)  # (B, cut)
+    tokens = right_padded([t[:cut] for t in new_tokens], device, cut)                              # (B, cut)
     out = model.extend(tokens, torch.tensor([min(n, cut) for n in lengths], device=device), cache)
     if cut == T:
         return out
@@ -279,13 +290,6 @@ def cached_values(value_model, prompts, k, samples, states, batch_size=64):
             prompt, m = group[j // k], states[i * k + j]
             values.append(sample_values[j][m - 1] if m > 0 else prompt_values[j // k][len(prompt) - 1])
     return values
-
-
-def _batch(lists, device):
-    """Right-padded (B, T) long tensor of token lists and their lengths (B,)."""
-    T = max(len(t) for t in lists)
-    return (torch.tensor([t + [0] * (T - len(t)) for t in lists], device=device),
-            torch.tensor([len(t) for t in lists], device=device))
 
 
 class CachedBeams:
@@ -324,15 +328,16 @@ class CachedBeams:
                                       [limits[p] for p in rows], self.sampling, self.generator, self.stop,
                                       self.delimiters, [parents[p][1] for p in rows])
         responses = [parents[p][1] + t for p, t in zip(rows, tokens)]
-        states = [end_state(self.tokenizer, r, f, self.stop) for r, f in zip(responses, finish)]
         if isinstance(self.value, ValueModel):
+            states = [end_state(self.tokenizer, r, f, self.stop) for r, f in zip(responses, finish)]
             self.value_cache = self.value_cache.select(torch.tensor(rows, dtype=torch.long, device=self.device))
             new_values = _extend_rows(self.value, self.value_cache, tokens).tolist()
             seq_values = [self.seq_values[p] + v[:len(t)] for p, t, v in zip(rows, tokens, new_values)]
             values = [v[len(self.prompts[parents[p][0]]) + m - 1] for p, v, m in zip(rows, seq_values, states)]
         else:
             seq_values = [None] * len(rows)
-            values = self.value([self.prompts[parents[p][0]] + r[:m] for p, r, m in zip(rows, responses, states)])
+            values = end_state_values(self.value, self.tokenizer, [self.prompts[parents[p][0]] for p in rows],
+                                      responses, finish, self.stop)
         self.candidates = list(zip(rows, tokens, seq_values))
         return [list(zip(tokens[p * B:(p + 1) * B], finish[p * B:(p + 1) * B], values[p * B:(p + 1) * B]))
                 for p in range(len(parents))]
@@ -340,7 +345,8 @@ class CachedBeams:
     def _set_beams(self, parents):
         """self.beams, self.logits (the policy's) and self.value_cache, self.seq_values for these parents."""
         if parents[0][2] is None:   # the first expansion: the parents are the prompts, each read once
-            input_ids, lengths = _batch(self.prompts, self.device)
+            input_ids = right_padded(self.prompts, self.device)                                 # (P, T)
+            lengths = torch.tensor([len(p) for p in self.prompts], device=self.device)
             self.beams = self.policy.new_cache(len(self.prompts), self.max_len)
             self.logits = self.policy.prefill(input_ids, lengths, self.beams)                   # (P, V)
             if isinstance(self.value, ValueModel):

@@ -4,7 +4,8 @@
     python search.py eval --policy oreo/policy --value oreo/value --problems test.jsonl --methods greedy,beam5
 
 The sampling engine and the KV caches that search keeps across expansions are in engine.py; this file holds the
-search itself (with the full-recompute versions the cached ones are tested against), loading, collect and eval.
+search itself (with the full-recompute versions the cached ones are tested against), collect and eval; loading.py
+loads the checkpoints and problems they read.
 """
 import argparse
 import datetime
@@ -13,18 +14,18 @@ import os
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import data
-from engine import (CachedBeams, cached_values, end_state, generate_with_finish, last_token_values,
-                    sample_batched)
+from engine import (CachedBeams, cached_values, end_state, end_state_values, generate_with_finish,
+                    last_token_values, sample_batched)
 # re-exported, so that callers (agent.py, tests, users) find the whole engine as search.X
 from engine import generate, generate_naive, sample_next  # noqa: F401
-from model import Transformer, ValueModel
+from loading import compile_decode, encode_prompts, load_policy, load_value, read_problems, response_text
+from model import ValueModel
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,8 +56,8 @@ def beam_search(prompts, expand, beam_width, max_steps=20):
         open_ = [[] for _ in prompts]
         c = 0
         for (i, resp, _), conts in zip(parents, expand(parents)):
-            for new, why, v in conts:
-                (open_[i].append((v, resp + new, c)) if why == "step" else pools[i].append((v, resp + new)))
+            for new, finish, v in conts:
+                (open_[i].append((v, resp + new, c)) if finish == "step" else pools[i].append((v, resp + new)))
                 sampled[i] += len(new)
                 c += 1
         # sorted() is stable: among equal values the earlier candidate (earlier beam, earlier sample) wins
@@ -80,8 +81,8 @@ def recompute_expander(policy, tokenizer, value_fn, prompts, beam_width, delimit
                                               generator=generator, stop=stop, n_samples=beam_width,
                                               delimiters=delimiters, contexts=[r for _, r, _ in parents], **sampling)
         owners = [parents[j // beam_width] for j in range(len(tokens))]
-        states = [end_state(tokenizer, r + t, f, stop) for (_, r, _), t, f in zip(owners, tokens, finish)]
-        values = value_fn([prompts[i] + (r + t)[:m] for (i, r, _), t, m in zip(owners, tokens, states)])
+        values = end_state_values(value_fn, tokenizer, [prompts[i] for i, _, _ in owners],
+                                  [r + t for (_, r, _), t in zip(owners, tokens)], finish, stop)
         return [list(zip(*(x[j:j + beam_width] for x in (tokens, finish, values))))
                 for j in range(0, len(tokens), beam_width)]
     return expand
@@ -128,11 +129,12 @@ def best_of_k(policy, tokenizer, value_fn, prompts, k, max_new_tokens, temperatu
     tokens, finish = sample_batched(policy, tokenizer, prompts, max_new_tokens, batch_size, n_samples=k,
                                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                                     stop=stop)
-    states = [end_state(tokenizer, t, f, stop) for t, f in zip(tokens, finish)]
     if isinstance(value_fn, ValueModel):
+        states = [end_state(tokenizer, t, f, stop) for t, f in zip(tokens, finish)]
         values = cached_values(value_fn, prompts, k, tokens, states, batch_size)
     else:
-        values = value_fn([prompts[j // k] + t[:m] for j, (t, m) in enumerate(zip(tokens, states))])
+        values = end_state_values(value_fn, tokenizer, [prompts[j // k] for j in range(len(tokens))], tokens, finish,
+                                  stop)
     results = []
     for i in range(len(prompts)):
         vs = values[i * k:(i + 1) * k]
@@ -150,110 +152,6 @@ def select_action(policy, tokenizer, value_fn, prefix, k, end_of_turn, max_new_t
     r = best_of_k(policy, tokenizer, value_fn, [prefix], k, max_new_tokens, temperature, top_p,
                   generator=generator, stop=end_of_turn)[0]
     return r["samples"][r["best"]], r["values"][r["best"]]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading, with the errors a user can cause
-
-
-def device_and_dtype(args):
-    """--device auto: this rank's GPU (LOCAL_RANK) if there is one; --dtype auto: bfloat16 on GPU, else float32."""
-    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(gpu if args.device == "auto" else args.device)
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
-        else getattr(torch, args.dtype)
-    return device, dtype
-
-
-def compile_decode(model):
-    """torch.compile the model's one-token decode step. Measured on a 2-core CPU (README): it paid for a few rows
-    at a time (2.3x for 2 prompts) and cost more than it saved in batched evaluation (100+ rows, whose batch and
-    cache sizes change between calls and so compile again); the first call compiles (25-130 s there)."""
-    model.decode = torch.compile(model.decode)
-    return model
-
-
-def need_folder(folder, flag):
-    if not Path(folder).is_dir():
-        raise data.UserError(f"{flag} {folder}: no such folder (expected a checkpoint folder with config.json, "
-                                f"*.safetensors and tokenizer files)")
-
-
-def load_policy(folder, device, dtype):
-    """(Transformer in eval mode, its data.Tokenizer) from a checkpoint folder."""
-    need_folder(folder, "--policy")
-    with data.as_user_error():
-        tokenizer = data.Tokenizer.from_pretrained(folder)
-        return Transformer.from_pretrained(folder, dtype=dtype, device=device).eval(), tokenizer
-
-
-def tokenizer_fingerprint(tokenizer):
-    """What must agree for two models to read the same token ids: special ids and every token's bytes."""
-    def token(i):
-        try:
-            return tokenizer.token_bytes([i])[0]
-        except KeyError:   # an id that is no token (a hole in the vocabulary) must be a hole in both
-            return None
-    return {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
-            "pad_id": tokenizer.pad_id, "stop_ids": tokenizer.stop_ids, "add_bos": tokenizer.add_bos,
-            "tokens": [token(i) for i in range(tokenizer.vocab_size)]}
-
-
-def load_value(folder, policy, tokenizer, policy_folder, device, dtype):
-    """A ValueModel from folder, refused when its tokenizer (or vocabulary size) differs from the policy's."""
-    need_folder(folder, "--value")
-    with data.as_user_error():
-        value_model = ValueModel.from_pretrained(folder, dtype=dtype, device=device).eval()
-    ours, theirs = policy.config.vocab_size, value_model.backbone.config.vocab_size
-    if ours != theirs:
-        raise data.UserError(f"--value {folder} has vocab_size {theirs} but --policy {policy_folder} has {ours}: "
-                         f"the value must be trained on the policy's tokenizer")
-    with data.as_user_error():
-        theirs = data.Tokenizer.from_pretrained(folder)
-    a, b = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(theirs)
-    for key in a:
-        if a[key] != b[key]:
-            where = ""
-            if key == "tokens":
-                i = next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y)
-                where = f" (first difference: token id {i} is {a[key][i]!r} vs {b[key][i]!r})"
-            raise data.UserError(f"--policy {policy_folder} and --value {folder} have different tokenizers: "
-                             f"{key} differs{where}; a value model only scores the token ids it was trained on")
-    return value_model
-
-
-def read_problems(path):
-    problems = data.load_problems(path)   # an empty file stops there, with its name
-    repeated = [i for i, n in Counter(p["id"] for p in problems).items() if n > 1]
-    if repeated:
-        raise data.UserError(f"--problems {path}: problem id {repeated[0]!r} appears more than once (ids must be "
-                         f"unique: collect uses them to resume)")
-    return problems
-
-
-def encode_prompt(tokenizer, question, style):
-    """Prompt ids exactly as data.encode_trajectory builds them for training (BOS first when the tokenizer adds one)."""
-    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    return bos + tokenizer.encode(data.format_prompt(question, style), allow_special=True)
-
-
-def encode_prompts(tokenizer, problems, style, policy, path):
-    """encode_prompt of each problem; a prompt the policy cannot read (longer than its positions) is the user's
-    mistake, named by problem id."""
-    prompts = [encode_prompt(tokenizer, p["question"], style) for p in problems]
-    for problem, prompt in zip(problems, prompts):
-        if len(prompt) > policy.config.max_seq_len:
-            raise data.UserError(f"--problems {path}: problem {problem['id']!r} has a {len(prompt)}-token prompt; "
-                                 f"the policy reads at most {policy.config.max_seq_len} positions")
-    return prompts
-
-
-def response_text(tokenizer, tokens, stop=()):
-    """The response as text, without the EOS (or other stop id) or the --stop string that ended it."""
-    if tokens and tokens[-1] in tokenizer.stop_ids:
-        tokens = tokens[:-1]
-    text = tokenizer.decode(tokens)
-    return text[:min([text.find(s) for s in stop if s in text], default=len(text))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +195,7 @@ def merge_outputs(out, problems, k):
 
 def collect(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device, dtype = device_and_dtype(args)
+    device, dtype = data.device_and_dtype(args)
     if world > 1:
         # only barriers, never tensors, go between ranks: gloo, with a timeout long enough for the slowest rank
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
@@ -399,7 +297,7 @@ def evaluate(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise data.UserError("eval runs in one process: python search.py eval ... (under torchrun only collect "
                              "shares its work between ranks)")
-    device, dtype = device_and_dtype(args)
+    device, dtype = data.device_and_dtype(args)
     methods = parse_methods(args.methods)
     delimiters = parse_delimiters(args.delimiters)
     problems = read_problems(args.problems)[:args.limit or None]
@@ -473,7 +371,7 @@ def evaluate(args):
 
 
 def build_parser():
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and data")
@@ -481,9 +379,7 @@ def build_parser():
     g.add_argument("--problems", required=True, help="JSONL of problems {id, question, gold} (data.load_problems)")
     g.add_argument("--prompt-style", default="plain", choices=data.PROMPT_STYLES,
                    help="data.format_prompt style (the one the policy was trained with)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda:LOCAL_RANK if any)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    data.add_device_flags(g, dtype_help="the weights of the policy and the value model")
     g = common.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=512, help="response length limit in tokens")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -492,7 +388,8 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
     g.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step: pays for few rows "
                    "at a time; on a CPU it compiled for 25-130 s and was slower at batch 100+ (README)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the sampling seed (collect: each chunk of problems derives "
+                   "its own from it, so a resumed run draws the same samples; eval: each method starts from it)")
 
     p = sub.add_parser("collect", parents=[common], help="K graded samples per problem -> trajectory JSONL",
                        description="Append K graded samples per problem to --out as {id, prompt, response, reward, "
@@ -514,7 +411,8 @@ def build_parser():
                    "data.STEP_DELIMITERS (gsm8k, math) or a JSON list of strings")
     p.add_argument("--max-steps", type=int, default=20, help="beam search expansions (paper: 20)")
     p.add_argument("--temperature", type=float, default=1.0, help="for sample, beam and bestof (paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for sample, beam and bestof: keep the "
+                   "most likely tokens that hold this probability (1.0: off)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0: all)")
     p.add_argument("--out", help="write per-problem results to this JSON file")
     return parser

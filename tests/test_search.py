@@ -11,32 +11,15 @@ import torch
 
 import data
 import engine
+import loading
 import search
-from model import Config, Transformer, ValueModel
+from model import Config, ValueModel
+from tiny_models import tiny_model
 
 TOKENIZER = data.Tokenizer.byte_level()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds waiting (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(family="llama", seed=0, dtype=torch.float64, max_seq_len=96):
-    """A random 2-layer model over the byte tokenizer's ids. Weights are drawn wider than GPT-2's init so the
-    next-token distribution is far from uniform (near-uniform logits would make greedy ties likely)."""
-    config = Config(model_type=family, vocab_size=TOKENIZER.vocab_size, n_layer=2, n_head=4,
-                    n_kv_head=2 if family != "gpt2" else 4, d_model=32, d_ff=48, max_seq_len=max_seq_len)
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.to(dtype).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_prompts(lengths, seed):
@@ -156,8 +139,8 @@ def test_end_state_is_the_state_whose_action_ends_the_response(tokens, finish, s
 
 def test_response_text_drops_the_eos_and_the_stop_string_that_ended_it():
     ids = TOKENIZER.encode("6 * 7 = 42\n#### 42<|im_end|>junk")
-    assert search.response_text(TOKENIZER, ids, stop=("<|im_end|>",)) == "6 * 7 = 42\n#### 42"
-    assert search.response_text(TOKENIZER, ids[:5] + [TOKENIZER.eos_id]) == "6 * 7"
+    assert loading.response_text(TOKENIZER, ids, stop=("<|im_end|>",)) == "6 * 7 = 42\n#### 42"
+    assert loading.response_text(TOKENIZER, ids[:5] + [TOKENIZER.eos_id]) == "6 * 7"
 
 
 def scripted_search(tree, values, beam_width, max_steps=20):
