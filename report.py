@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from files import write_atomic
+
 # (row label, eval file under OUT/eval, method in that file, group); {B}, {K}, {R} stand for any beam width,
 # best-of-K size and iteration round found in the files. A label ending in "(beam problems)" is the same method
 # counted only on the problems the beam search was run on (train.sh runs it on a subset to stay within minutes).
@@ -269,9 +271,7 @@ def sweep(outs):
 
 
 def write(path, text):
-    tmp = path.with_name(path.name + ".tmp")   # atomic: a reader never sees half a file
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(text))   # a reader never sees half a file
 
 
 def main(argv=None):
