@@ -15,33 +15,18 @@ import data
 import household
 import search
 from household import NOTHING, TASK_TYPES, HouseholdEnv
-from model import Config, Transformer, ValueModel
+from model import ValueModel
+from tiny_models import tiny_model
 
 TOKENIZER = data.Tokenizer.byte_level()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed=0, dtype=torch.float64, max_seq_len=1024):
-    config = Config(model_type="llama", vocab_size=TOKENIZER.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                    d_model=32, d_ff=48, max_seq_len=max_seq_len)
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.to(dtype).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_value(seed=1, dtype=torch.float64):
-    value = ValueModel(None, tiny_model(seed, dtype))
+    value = ValueModel(None, tiny_model(seed=seed, dtype=dtype, max_seq_len=1024))
     with torch.no_grad():
         value.head.weight.normal_(0, 1.0)
     return value.to(dtype).eval()
@@ -165,7 +150,7 @@ def scripted_env(split="train", seed=0, max_steps=6):
 
 @pytest.mark.parametrize("k,temperature,samples", [(1, 0.0, 2), (1, 1.0, 2), (3, 1.0, 1)])
 def test_batched_rollouts_equal_one_at_a_time(k, temperature, samples):
-    policy, value = tiny_model(), tiny_value()
+    policy, value = tiny_model(max_seq_len=1024), tiny_value()
     tasks = HouseholdEnv("train", 0).tasks(n=3)
     kw = dict(k=k, value_model=value, temperature=temperature, max_action_tokens=8)
     env = scripted_env(max_steps=4)
@@ -177,7 +162,7 @@ def test_batched_rollouts_equal_one_at_a_time(k, temperature, samples):
 
 
 def test_best_of_k_reads_the_value_at_the_actions_last_token_a_trained_position():
-    policy, value = tiny_model(), tiny_value()
+    policy, value = tiny_model(max_seq_len=1024), tiny_value()
     tasks = HouseholdEnv("train", 0).tasks(n=3)
     episodes = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=4), tasks, k=3, value_model=value,
                                   max_action_tokens=12, seed=1)
@@ -195,7 +180,7 @@ def test_best_of_k_reads_the_value_at_the_actions_last_token_a_trained_position(
 
 
 def test_masks_cover_the_assistant_tokens_only():
-    policy = tiny_model(seed=2)
+    policy = tiny_model(seed=2, max_seq_len=1024)
     ep = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=5), HouseholdEnv("train", 0).tasks(n=1),
                             temperature=1.0, max_action_tokens=12, seed=3)[0]
     ex = data.encode_trajectory(TOKENIZER, {"messages": ep["messages"], "reward": ep["reward"]}, 10**9)
