@@ -23,7 +23,6 @@ import importlib
 import json
 import os
 import random
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 import data
 import household
+import loading
 import search
 from model import Cache, Config, Transformer
 from tokenizer import GPT2_PATTERN
@@ -292,12 +292,12 @@ def collect(args):
     """K episodes per training task, appended chunk by chunk (resumable); under torchrun each rank takes every
     WORLD_SIZE-th chunk, as search.py collect does, and rank 0 merges."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device, dtype = search.device_and_dtype(args)
+    device, dtype = data.device_and_dtype(args)
     if world > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     make_env = env_factory(args.env, "train", args.seed, args.max_steps)
     tasks = make_env().tasks("train", args.tasks)
-    policy, tokenizer = search.load_policy(args.policy, device, dtype)
+    policy, tokenizer = loading.load_policy(args.policy, device, dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -339,14 +339,14 @@ def collect(args):
 def evaluate(args):
     """Success rate and mean steps per split and method: greedy, sample, or bestofK (K candidates per turn at
     --temperature, the value model choosing)."""
-    device, dtype = search.device_and_dtype(args)
-    policy, tokenizer = search.load_policy(args.policy, device, dtype)
+    device, dtype = data.device_and_dtype(args)
+    policy, tokenizer = loading.load_policy(args.policy, device, dtype)
     methods = search.parse_methods(args.methods)
     if any(kind == "beam" for kind, _ in methods):
         raise data.UserError("--methods: agents use greedy, sample or bestofK (beam search is for reasoning steps)")
     value_model = None
     if args.value:
-        value_model = search.load_value(args.value, policy, tokenizer, args.policy, device, dtype)
+        value_model = loading.load_value(args.value, policy, tokenizer, args.policy, device, dtype)
     elif any(kind == "bestof" for kind, _ in methods):
         raise data.UserError("--methods bestofK needs a value model: pass --value FOLDER")
     summary, per_task = {}, {}
@@ -376,7 +376,7 @@ def evaluate(args):
 
 
 def build_parser():
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("environment")
@@ -385,9 +385,9 @@ def build_parser():
     g.add_argument("--max-steps", type=int, default=40, help="actions per episode (paper: 40)")
     g.add_argument("--out", required=True, help="output file")
     p = sub.add_parser("init", parents=[common], help="a tiny model from scratch with the word tokenizer")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=96)
-    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--d-model", type=int, default=96, help="width")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
     p.add_argument("--max-len", type=int, default=1024, help="the model's positions")
     p = sub.add_parser("demos", parents=[common], help="the demonstrator's transcripts (SFT data)")
     p.add_argument("--tasks", type=int, default=600, help="training tasks")
@@ -398,8 +398,7 @@ def build_parser():
     model = argparse.ArgumentParser(add_help=False)
     g = model.add_argument_group("model and sampling")
     g.add_argument("--policy", required=True, help="policy checkpoint folder (config.json, safetensors, tokenizer)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda:LOCAL_RANK if any)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    data.add_device_flags(g)
     g.add_argument("--temperature", type=float, default=1.0, help="collect, sample and bestofK (paper: 1.0)")
     g.add_argument("--max-action-tokens", type=int, default=48, help="an action's length limit in tokens")
     g.add_argument("--batch-size", type=int, default=32, help="episodes stepped together")

@@ -11,15 +11,14 @@ be the same tokens on fp32 ("same greedy tokens" counts the rows that are).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
+from common import time_side_by_side  # noqa: E402
 from model_vs_hf import PRESETS, build_models  # noqa: E402  (the same models, side by side)
 
 transformers.utils.logging.set_verbosity_error()
@@ -35,22 +34,6 @@ def hf_generate(hf, input_ids, new_tokens, sample):
 def ours_generate(ours, prompts, new_tokens, sample, generator):
     kwargs = dict(temperature=1.0, top_p=0.95) if sample else dict(temperature=0.0)
     return search.generate(ours, None, prompts, new_tokens, generator=generator, **kwargs)
-
-
-def time_side_by_side(calls, iters, device):
-    """Median seconds per call of each function, the calls interleaved (after one warm-up call each)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for call in calls:
-        call()
-    sync()
-    times = [[] for _ in calls]
-    for _ in range(iters):
-        for i, call in enumerate(calls):
-            t0 = time.perf_counter()
-            call()
-            sync()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -112,7 +95,7 @@ def main():
             contenders.append(("ours", ours_call(decode_eager)))
             if compiled is not None:
                 contenders.append(("ours+compile", ours_call(compiled)))
-            times = time_side_by_side([c for _, c in contenders], args.iters, args.device)
+            times = time_side_by_side([c for _, c in contenders], args.iters, device=args.device)
             for (name, _), t in zip(contenders, times):
                 ratio = "" if args.no_hf else f"{times[0] / t:>7.2f}x"
                 print(f"{'sample' if sample else 'greedy':<8}{B:>6}  {name:<14}{B * new / t:>11.0f}{ratio}",

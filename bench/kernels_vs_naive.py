@@ -28,7 +28,6 @@ CPU times are medians of a few runs of the chunked PyTorch path, and peak memory
 set during one forward+backward (what the naive loss allocates at once is what the chunked path avoids).
 """
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -38,6 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import peak_rss_growth  # noqa: E402
 from kernels import bellman_loss, linear_logprobs, token_kl, token_logprobs, token_logprobs_and_kl  # noqa: E402
 from kernels.reference import naive_linear_logprobs, naive_token_kl, naive_token_logprobs  # noqa: E402
 from oreo import oreo_loss  # noqa: E402
@@ -217,26 +217,6 @@ def median_seconds(fn, reps=3):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def _proc_status_bytes(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-
-def peak_rss_growth(fn):
-    """Peak resident-set growth (bytes) while fn runs; Linux only: /proc/self/clear_refs resets the high-water mark.
-    Large CPU tensors are mmap'ed and given back on free, so earlier runs do not hide this one's peak."""
-    # glibc raises its mmap threshold after each freed block (up to 32 MB), keeping later blocks in the heap where
-    # the high-water mark cannot see them reused: fix it at 128 KiB so every large tensor is a fresh mapping
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)  # give back what earlier runs left in the heap
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_bytes("VmRSS")
-    fn()
-    return _proc_status_bytes("VmHWM") - before
 
 
 def run_cpu(shapes, ops):

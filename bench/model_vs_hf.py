@@ -10,10 +10,8 @@ matmul weights (lm_head included) plus 6·n_layer·T·n_head·head_dim for causa
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
+from common import time_side_by_side  # noqa: E402
 
 PRESETS = {
     # the size of tests/hf_models.py's models: per-token Python overhead is what is measured here
@@ -63,23 +62,6 @@ def step_fn(net, is_hf, input_ids, labels, backward):
             with torch.no_grad():
                 net(input_ids).logits if is_hf else net(input_ids)
     return step
-
-
-def time_side_by_side(steps, iters, warmup, device):
-    """Median seconds per call for each step function, interleaved."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        for step in steps:
-            step()
-    sync()
-    times = [[] for _ in steps]
-    for _ in range(iters):
-        for i, step in enumerate(steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def flops_per_token(config, T):

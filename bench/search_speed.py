@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import loading  # noqa: E402
 import search  # noqa: E402
 from model import Config, Transformer, ValueModel  # noqa: E402
 
@@ -35,12 +36,12 @@ def builtin_shape_model(tokenizer, seed):
 
 def load_models(args, device):
     if args.policy:
-        policy, tokenizer = search.load_policy(args.policy, device, torch.float32)
+        policy, tokenizer = loading.load_policy(args.policy, device, torch.float32)
     else:
         tokenizer = data.Tokenizer.byte_level()
         policy = builtin_shape_model(tokenizer, args.seed).to(device)
     if args.value:
-        value = search.load_value(args.value, policy, tokenizer, args.policy, device, torch.float32)
+        value = loading.load_value(args.value, policy, tokenizer, args.policy, device, torch.float32)
     else:   # the policy's backbone with a random head: a value model of the same shape (its values mean nothing)
         value = ValueModel(policy.config).to(device).eval()
         value.backbone.load_state_dict(policy.state_dict())
@@ -72,22 +73,22 @@ def main():
     parser.add_argument("--policy", help="policy folder (default: a random-init model of the built-in shape)")
     parser.add_argument("--value", help="value folder (default: the policy's backbone with a random head)")
     parser.add_argument("--problems", type=int, default=200, help="built-in test problems")
-    parser.add_argument("--methods", default="sample,beam3,beam5,bestof4")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="sample,beam3,beam5,bestof4", help="comma-separated, as search.py eval")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="response length limit in tokens")
+    parser.add_argument("--batch-size", type=int, default=256, help="sequences per forward pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported")
     parser.add_argument("--reference", action="store_true", help="also time the full-recompute beam and best-of-K")
     parser.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="the random-init models' seed")
     args = parser.parse_args()
     device = torch.device(args.device)
     policy, value, tokenizer = load_models(args, device)
     problems = data.builtin_problems(args.problems, 0, "test")
-    prompts = [search.encode_prompt(tokenizer, p["question"], "plain") for p in problems]
+    prompts = [loading.encode_prompt(tokenizer, p["question"], "plain") for p in problems]
     if args.compile:
         t0 = time.perf_counter()
-        search.compile_decode(policy)
+        loading.compile_decode(policy)
         run_method("sample", policy, value, tokenizer, prompts[:8], args, True)   # the compilation happens here
         print(f"torch.compile of decode: first call {time.perf_counter() - t0:.1f} s (compile time)")
     runs = [(m, True) for m in args.methods.split(",")]

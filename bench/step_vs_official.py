@@ -20,7 +20,6 @@ allocated, on a CPU the growth of the resident set. Prints a table and ends with
 `step vs official: speed X.XX×, peak memory Y.YY×` (speed ours / theirs; memory theirs / ours).
 """
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -34,8 +33,10 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import oreo  # noqa: E402
-from kernels_vs_naive import peak_rss_growth  # noqa: E402
+from common import adamw, autocast, peak_rss_growth, random_batch  # noqa: E402
+from losses import masked_mean  # noqa: E402
 from model import Transformer, ValueModel  # noqa: E402
+from options import parse_args  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -53,16 +54,6 @@ PRESETS = {
                                     tie_word_embeddings=True),
                          seq=2048, micro_batch=4, device="cuda"),
 }
-
-
-def random_batch(B, T, V, device):
-    g = torch.Generator().manual_seed(0)
-    mask = torch.ones(B, T - 1)
-    mask[:, : T // 4] = 0  # the first quarter is the prompt
-    batch = {"input_ids": torch.randint(0, V, (B, T), generator=g), "mask": mask,
-             "step_start": torch.rand(B, T - 1, generator=g) < 0.05,
-             "rewards": (torch.rand(B, generator=g) < 0.5).float()}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def hf_policy(settings, folder, device):
@@ -120,9 +111,9 @@ def official_log_probs(model, input_ids):
     return log_probs, log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-def official_micro_step(policy, reference, value, batch, args, autocast, scale):
+def official_micro_step(policy, reference, value, batch, args, precision, scale):
     ids, mask, rewards = batch["input_ids"], batch["mask"], batch["rewards"]
-    with autocast:
+    with precision:
         with torch.no_grad():
             logp = official_log_probs(policy, ids)[1]  # first policy forward, for the value loss
         values = value(ids)[:, :-1]
@@ -130,12 +121,12 @@ def official_micro_step(policy, reference, value, batch, args, autocast, scale):
             ref_log_probs, ref_logp = official_log_probs(reference, ids)
     _, value_loss = oreo.oreo_loss(logp, ref_logp, values, rewards, mask, args.beta, args.variant, batch["step_start"])
     (value_loss * scale).backward()  # the official trainer's value AdamW step comes here (DeepSpeed: at the boundary)
-    with autocast:
+    with precision:
         log_probs, logp = official_log_probs(policy, ids)  # second policy forward, with gradient
     policy_loss, _ = oreo.oreo_loss(logp, ref_logp, values.detach(), rewards, mask, args.beta, args.variant,
                                     batch["step_start"])
     kl = F.kl_div(ref_log_probs, log_probs, reduction="none", log_target=True).sum(-1)  # (B, T-1) KL[π ‖ π_ref]
-    ((policy_loss + args.alpha * oreo.masked_mean(kl, mask)) * scale).backward()
+    ((policy_loss + args.alpha * masked_mean(kl, mask)) * scale).backward()
 
 
 def run_side(a):
@@ -150,8 +141,7 @@ def run_side(a):
     settings = dict(preset["model"], num_hidden_layers=a.layers or preset["model"]["num_hidden_layers"])
     policy, reference, value = build(settings, device, cuda)
     trained = (policy, value)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
-                  for m in trained]
+    optimizers = adamw(trained, cuda)
     # weights, gradients and AdamW states exist before the measured steps: the peak is what a step adds to them
     for m, opt in zip(trained, optimizers):
         for p in m.parameters():
@@ -159,17 +149,17 @@ def run_side(a):
                 p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=False)
-    args = oreo.parse_args([])  # the trainer's defaults: token level, β 0.03, α 0.01, full KL
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    args = parse_args([])  # the trainer's defaults: token level, β 0.03, α 0.01, full KL
+    precision = autocast(cuda)
     batch = random_batch(B, T, preset["model"]["vocab_size"], device)
     fused = {"auto": None, "fused": True, "materialised": False}[a.path]
 
     def step():
         for _ in range(a.grad_accum):
             if a.side == "ours":
-                oreo.forward_backward(policy, reference, value, batch, args, autocast, 1 / a.grad_accum, fused=fused)
+                oreo.forward_backward(policy, reference, value, batch, args, precision, 1 / a.grad_accum, fused=fused)
             else:
-                official_micro_step(policy, reference, value, batch, args, autocast, 1 / a.grad_accum)
+                official_micro_step(policy, reference, value, batch, args, precision, 1 / a.grad_accum)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=False)
@@ -203,7 +193,8 @@ def run_side(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model dimensions, sequence length, "
+                   "micro-batch and device (see PRESETS)")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--layers", type=int, help="transformer blocks (default: the preset's)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: the preset's)")

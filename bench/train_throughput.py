@@ -9,7 +9,6 @@ counting ≈ 14 × params FLOPs per token plus attention (oreo.flops_per_token).
 Random weights and random tokens: the speed of a step does not depend on what the weights are.
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -18,7 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import oreo  # noqa: E402
+from common import adamw, autocast, random_batch  # noqa: E402
 from model import Config, Transformer, ValueModel  # noqa: E402
+from options import parse_args  # noqa: E402
 
 # Qwen2.5-1.5B (and Qwen2.5-Math-1.5B): 1.54B parameters, tied embeddings, q/k/v biases, GQA 12/2.
 PRESETS = {
@@ -31,22 +32,23 @@ PRESETS = {
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="builtin", choices=sorted(PRESETS))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="builtin", choices=sorted(PRESETS), help="model dimensions (builtin: "
+                   "the trainer's built-in model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 64 builtin, 2048 otherwise)")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward (default 32 builtin, 4 otherwise)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after 2 warm-up steps)")
-    p.add_argument("--kl", default="full", choices=["full", "k3", "none"])
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--kl", default="full", choices=["full", "k3", "none"], help="the OREO KL term (oreo.py --kl)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the three models")
     args = p.parse_args()
     builtin = args.preset == "builtin"
     T = args.seq_len or (64 if builtin else 2048)
     B = args.micro_batch_size or (32 if builtin else 4)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    train_args = oreo.parse_args(["--kl", args.kl])  # β, α, variant: the trainer's defaults
+    train_args = parse_args(["--kl", args.kl])  # β, α, variant: the trainer's defaults
     config = oreo.builtin_config(train_args, 258) if builtin else PRESETS[args.preset]
 
     torch.manual_seed(0)
@@ -57,23 +59,15 @@ def main():
     for m in (policy, value):
         m.set_gradient_checkpointing(args.grad_checkpointing)
     n_params = sum(p.numel() for p in policy.parameters())
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
-                  for m in (policy, value)]
+    optimizers = adamw((policy, value), cuda)
     if args.compile:
         policy, reference, value = (torch.compile(m) for m in (policy, reference, value))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (B, T), generator=g)
-    mask = torch.ones(B, T - 1)
-    mask[:, : T // 4] = 0  # the first quarter is the prompt
-    batch = {"input_ids": input_ids, "mask": mask, "step_start": torch.rand(B, T - 1, generator=g) < 0.05,
-             "rewards": (torch.rand(B, generator=g) < 0.5).float()}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    precision = autocast(cuda)
+    batch = random_batch(B, T, config.vocab_size, device)
 
     def step():
         for _ in range(args.grad_accum):
-            oreo.forward_backward(policy, reference, value, batch, train_args, autocast, 1 / args.grad_accum)
+            oreo.forward_backward(policy, reference, value, batch, train_args, precision, 1 / args.grad_accum)
         for m, opt in zip((policy, value), optimizers):
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
