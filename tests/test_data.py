@@ -14,10 +14,10 @@ import data
 import tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
+from bpe import LLAMA3_PATTERN, SPECIALS, train_bpe  # noqa: E402
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+BYTE_ALPHABET = tokenizers.pre_tokenizers.ByteLevel.alphabet()  # every byte in the vocabulary
+
 PIECES = ["the", " answer", " is", " 42", ".", ".\n", "\n", "\n\n", "  ", "\t", " x = 3", ", ", "I'm", " we'll",
           "héllo", " naïve", " 日本語", " 😀", "👍🏽", " \\frac{1}{2}", " $", "1,234", "####", " Step", "'s",
           "ÿ", "\u00a0", " -7", "=", "Σ", "\r\n"]
@@ -35,52 +35,22 @@ def corpus():
     return lines
 
 
-def train_tokenizer(folder, style, vocab_size=700):
-    """A byte-level BPE trained in-process. gpt2: the ByteLevel regex; llama: Split(Llama-3 regex) + ByteLevel;
-    deepseek: several Splits and Digits in sequence (DeepSeek LLM's layout), then ByteLevel."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    if style == "deepseek":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(r"[\r\n]"), behavior="isolated"),
-            pre_tokenizers.Split(tokenizers.Regex(r"\s?[A-Za-zé]+"), behavior="isolated"),
-            pre_tokenizers.Split(tokenizers.Regex(r"\s?[!-/:-~]+"), behavior="isolated"),
-            pre_tokenizers.Split(tokenizers.Regex(r"\s+$"), behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
-    elif style == "llama":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(), trainer)
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
-    return tok
-
-
 @pytest.fixture(scope="module")
 def gpt2_style(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("gpt2_style"))
-    return train_tokenizer(folder, "gpt2"), folder
+    return train_bpe(folder, "gpt2", corpus(), 700, BYTE_ALPHABET), folder
 
 
 @pytest.fixture(scope="module")
 def llama_style(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("llama_style"))
-    return train_tokenizer(folder, "llama"), folder
+    return train_bpe(folder, "llama", corpus(), 700, BYTE_ALPHABET), folder
 
 
 @pytest.fixture(scope="module")
 def deepseek_style(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("deepseek_style"))
-    return train_tokenizer(folder, "deepseek"), folder
+    return train_bpe(folder, "deepseek", corpus(), 700, BYTE_ALPHABET), folder
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ what happens to a byte the vocabulary cannot express (HF drops it before merging
 names one)."""
 
 import json
-import os
 import random
 
 import pytest
@@ -13,10 +12,8 @@ import data
 import tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
+from bpe import SPECIALS, train_bpe  # noqa: E402
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Text the tokenizers are trained on: ASCII prose and code, accents, CJK, emoji, arrows, whitespace runs; no 'Q'
 # or 'q', no Cyrillic, no control bytes but tab and newline.
 PRESENT = ["the", " answer", " is", " 42", ".", "..", ".\n", "\n\n", "    ", "\t", " x = 3", "def f(a, b):",
@@ -39,30 +36,10 @@ def corpus():
 
 
 def train(folder, style):
-    """gpt2: ByteLevel regex, no unk (missing bytes are dropped); smollm: Digits + ByteLevel regex (SmolLM2's
-    layout) with unk; llama: Split(Llama-3 regex) + ByteLevel with unk and fuse_unk. The initial alphabet is
+    """gpt2: no unk (missing bytes are dropped); smollm: unk; llama: unk and fuse_unk. The initial alphabet is
     empty, so the vocabulary holds only the bytes of the corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    unk = None if style == "gpt2" else "<|endoftext|>"
-    tok = Tokenizer(models.BPE(unk_token=unk, fuse_unk=style == "llama"))
-    if style == "llama":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
-    elif style == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True, trim_offsets=True)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False, initial_alphabet=[])
-    tok.train_from_iterator(corpus(), trainer)
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
-    return tok
+    return train_bpe(folder, style, corpus(), 600, [], unk_token=None if style == "gpt2" else "<|endoftext|>",
+                     fuse_unk=style == "llama")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "smollm", "llama"])
