@@ -13,9 +13,9 @@ from model import Transformer, ValueModel
 
 
 def compile_decode(model):
-    """torch.compile the model's one-token decode step. Measured on a 2-core CPU (README): it paid for a few rows
-    at a time (2.3x for 2 prompts) and cost more than it saved in batched evaluation (100+ rows, whose batch and
-    cache sizes change between calls and so compile again); the first call compiles (25-130 s there)."""
+    """torch.compile the model's one-token decode step. Measured on a 2-core CPU (docs/reference.md): it paid for a
+    few rows at a time (2.3x for 2 prompts) and cost more than it saved in batched evaluation (100+ rows, whose batch
+    and cache sizes change between calls and so compile again); the first call compiles (25-130 s there)."""
     model.decode = torch.compile(model.decode)
     return model
 

@@ -121,7 +121,7 @@ def policy_logprobs(policy, input_ids, fused, kl_inputs=None):
     pass over the vocabulary, else None.
     fused: kernels.linear_logprobs from the last hidden states, in chunks of tokens recomputed in the backward, so
     no (B·L, V) logits exist for policy or reference. Otherwise the logits are made once and read by one chunked
-    pass whose backward writes the gradient over them (faster on a CPU; README "The loss path").
+    pass whose backward writes the gradient over them (faster on a CPU; docs/reference.md "The loss path on a CPU").
     """
     labels = shifted_labels(input_ids)
 

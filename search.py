@@ -387,7 +387,7 @@ def build_parser():
                    "'<|im_end|>' when the tokenizer's EOS is another token (repeatable)")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
     g.add_argument("--compile", action="store_true", help="torch.compile the policy's decode step: pays for few rows "
-                   "at a time; on a CPU it compiled for 25-130 s and was slower at batch 100+ (README)")
+                   "at a time; on a CPU it compiled for 25-130 s and was slower at batch 100+ (docs/reference.md)")
     g.add_argument("--seed", type=int, default=0, help="the sampling seed (collect: each chunk of problems derives "
                    "its own from it, so a resumed run draws the same samples; eval: each method starts from it)")
 

@@ -78,8 +78,10 @@ def test_our_tokenizer_equals_hf_on_real_text_and_a_byte_smollm2_lacks(folder, h
     ref = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     assert len(ours.missing) == 21 and ours.unk_id == 0  # SmolLM2 lacks 21 single bytes, e.g. 0x04
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    readme = ""
+    for name in ("README.md", os.path.join("docs", "reference.md")):  # the README's text, in its two files
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            readme += f.read()
     with open(os.path.join(root, "tokenizer.py"), encoding="utf-8") as f:
         source = f.read()
     texts = [readme, source, PROSE, *(q + "\n" + a for q, a, _ in PROBLEMS),
