@@ -241,9 +241,10 @@ def official_starts(response, offsets, delimiters):
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    from tests.test_data import train_tokenizer
+    from tests.bpe import train_bpe
+    from tests.test_data import BYTE_ALPHABET, corpus
     folder = str(tmp_path_factory.mktemp("bpe"))
-    return train_tokenizer(folder, "llama"), data.Tokenizer.from_pretrained(folder)
+    return train_bpe(folder, "llama", corpus(), 700, BYTE_ALPHABET), data.Tokenizer.from_pretrained(folder)
 
 
 def test_official_step_starts_match_a_port_of_the_official_character_rule(bpe):
