@@ -259,12 +259,13 @@ def sweep(outs):
     if not acc:
         sys.exit(f"report.py: no sweep results in {outs[0]}/sweep (run bash train.sh sweep first)")
     result = {"runs": [str(o) for o in outs], "validation_accuracy": {}, "best_lr": {}}
-    print(f"{'method':<10} " + "  ".join(f"lr {lr:>6}" for lr in sorted(next(iter(acc.values())), key=float)))
+    lrs = sorted({lr for by_lr in acc.values() for lr in by_lr}, key=float)   # methods may have other grids
+    print(f"{'method':<10} " + "  ".join(f"lr {lr:>6}" for lr in lrs))
     for method, by_lr in acc.items():
         means = {lr: statistics.fmean(xs) for lr, xs in sorted(by_lr.items(), key=lambda kv: float(kv[0]))}
         result["validation_accuracy"][method] = means
         result["best_lr"][method] = max(means, key=lambda lr: (means[lr], -float(lr)))   # ties: the smaller rate
-        print(f"{method:<10} " + "  ".join(f"{a:9.3f}" for a in means.values()) +
+        print(f"{method:<10} " + "  ".join(f"{means[lr]:9.3f}" if lr in means else f"{'-':>9}" for lr in lrs) +
               f"   best {result['best_lr'][method]}")
     write(Path(outs[0], "sweep.json"), json.dumps(result, indent=1))
     print(f"report.py: wrote {outs[0]}/sweep.json")

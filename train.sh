@@ -96,9 +96,9 @@ SFT_BEAMS=${SFT_BEAMS:-3}            # ... and with the SFT policy (each also wi
 BEAM_PROBLEMS=${BEAM_PROBLEMS:-300}  # the first test problems that beam search runs on
 DIAG_PROBLEMS=${DIAG_PROBLEMS:-500}  # the first test problems diagnose.py samples K times each
 MODEL=${MODEL:-"--n-layer 4 --d-model 128 --n-head 4"}
-# Learning rates: the best of {3e-5, 1e-4, 3e-4} on the validation problems (bash train.sh sweep) for the earlier,
-# weaker SFT policy (d_model 96, 16 epochs); not yet re-tuned for this one. KTO's is DPO's (never swept).
-LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-3e-5} LR_KTO=${LR_KTO:-3e-5} LR_OREO=${LR_OREO:-3e-4}
+# Learning rates: the best on the 200 validation problems of the seed-0 sweep (bash train.sh sweep, 2026-12-02;
+# docs/demo_sweep.json): RS 1e-4, DPO 1e-5, KTO 1e-5, OREO-token 1e-3, OREO-step 3e-4 (value lr 1e-3 throughout).
+LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-1e-5} LR_KTO=${LR_KTO:-1e-5} LR_OREO=${LR_OREO:-1e-3}
 LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
 VALUE_LR=${VALUE_LR:-1e-3}           # OREO's value model (both variants)
 SWEEP_LRS=${SWEEP_LRS:-"1e-5 3e-5 1e-4 3e-4 1e-3"}
