@@ -11,9 +11,9 @@ environment is household.py's by default; `--env module:factory` plugs in any ot
 returns an object with `tasks(split, n)` (JSON task specs, each with a unique "id"), `reset(task) -> str` and
 `step(action) -> (observation, reward, done)`.
 
-The engine: every live episode (times K candidates) is one row of a KV cache. Rows move in lockstep, one token per
-row per model call: a row with nothing to feed writes a throw-away token and is rolled back. Each turn the rows sample
-an action up to EOS (<|im_end|> for ChatML) or a newline; with K > 1 the value model, fed the same tokens, scores
+The engine: every live episode (times K candidates) is one row of a KV cache, fed through the models' extend. While
+sampling, the rows move in lockstep, one token per row per model call (a row whose action has ended waits); then
+each episode's observation goes into its rows in one call. Each turn the rows sample an action up to EOS (<|im_end|> for ChatML) or a newline; with K > 1 the value model, fed the same tokens, scores
 each candidate at its last token (the state whose action ends the turn) and the best one is kept. Each row samples
 from its own generator, seeded by (seed, task id, sample), so batching never changes what an episode draws.
 """
@@ -49,46 +49,35 @@ def render(tokenizer, messages):
     return ids[:-1 - len(tokenizer.encode("\n"))]   # drop the empty turn's end token and the newline after it
 
 
-def _run(model, ids, positions, cache, lengths):
-    """Final hidden states of the tokens ids (B, T) at positions (B, T), written into cache, which then holds
-    lengths (B,) tokens per row. model.prefill/decode without the lm_head, so a value head can read them too."""
-    S = cache.k.shape[3]
-    mask = (torch.arange(S, device=ids.device) <= positions[:, -1:])[:, None, None, :]   # (B, 1, 1, S)
-    if ids.shape[1] > 1:   # prefill from position 0: causal attention over the written prefix
-        h = model._run(ids, positions, None, cache)
-    else:
-        rows = torch.arange(len(ids), device=ids.device)
-        h = model._run(ids, positions, mask, cache, write=(rows, torch.zeros_like(rows), positions[:, 0]))
-    cache.lengths.copy_(lengths)
-    return h                                                                               # (B, T, D)
-
-
 class Rows:
-    """A model's KV cache over the rows, fed in lockstep; keeps each row's last hidden state."""
+    """A model's KV cache over the rows, fed through Transformer.extend; keeps each row's last final hidden state
+    (for the next token's logits, or a value). A feed appends any number of tokens per row, none to a row that
+    waits."""
 
     def __init__(self, model, prompts):
         self.model = model
-        B, T = len(prompts), max(len(p) for p in prompts)
         self.capacity = model.config.max_seq_len
-        self.cache = model.new_cache(B, min(self.capacity, max(256, 2 * T)))
-        device = self.cache.k.device
-        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)    # (B, T) right padded
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        h = _run(model, ids, torch.arange(T, device=device).expand(B, T), self.cache, lengths)
-        self.last = h[torch.arange(B, device=device), lengths - 1]                         # (B, D)
+        self.cache = model.new_cache(len(prompts), min(self.capacity, max(256, 2 * max(map(len, prompts)))))
+        self.last = None
+        self.feed(prompts)   # extend on an empty cache is a prefill
 
     def feed(self, tokens):
-        """tokens: one id or None per row; rows given None are left as they were."""
-        lengths = self.cache.lengths
-        if int(lengths.max()) + 1 > self.cache.k.shape[3]:   # grow the cache (doubling, up to max_seq_len)
-            old, S = self.cache, min(self.capacity, 2 * self.cache.k.shape[3])
+        """tokens: a list of ids per row (empty: the row is left as it was)."""
+        device = self.cache.lengths.device
+        n_new = torch.tensor([len(t) for t in tokens], device=device)                        # (B,)
+        need = int((self.cache.lengths + n_new).max())
+        if need > self.cache.k.shape[3]:   # grow the cache (doubling, up to max_seq_len)
+            old, S = self.cache, min(self.capacity, max(need, 2 * self.cache.k.shape[3]))
             self.cache = Cache(old.k.new_zeros(*old.k.shape[:3], S, old.k.shape[4]),
                                old.v.new_zeros(*old.v.shape[:3], S, old.v.shape[4]), old.lengths)
             self.cache.k[:, :, :, :old.k.shape[3]], self.cache.v[:, :, :, :old.v.shape[3]] = old.k, old.v
-        fed = torch.tensor([t is not None for t in tokens], device=lengths.device)
-        ids = torch.tensor([0 if t is None else t for t in tokens], device=lengths.device)
-        h = _run(self.model, ids[:, None], lengths[:, None].clone(), self.cache, lengths + fed)[:, 0]
-        self.last = torch.where(fed[:, None], h, self.last)   # an idle row's throw-away token is overwritten later
+        T = int(n_new.max())
+        if T == 0:
+            return
+        ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=device)        # (B, T) right padded
+        h = self.model.extend(ids, n_new, self.cache)                                     # (B, T, D)
+        last = h[torch.arange(len(tokens), device=device), (n_new - 1).clamp(min=0)]      # (B, D) the last new one
+        self.last = last if self.last is None else torch.where((n_new > 0)[:, None], last, self.last)
 
     def rewind(self, row, length):
         self.cache.lengths[row] = length
@@ -123,6 +112,8 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
             raise data.UserError(f"task {task['id']}: the first observation has {len(prompt)} tokens; with "
                              f"{max_action_tokens} for an action that exceeds the model's {limit} positions")
     gens = [g for task, s in zip(tasks, seeds) for g in generators(s, task["id"], k)]
+    # the value model's rows keep hidden states too: its head runs below on each episode's k candidates alone (in
+    # ValueModel.extend it would run on the whole batch, whose float32 rounding then depends on the batch's shape)
     models = [policy] + ([value_model.backbone] if k > 1 else [])
     rows = [Rows(m, [ids[r // k] for r in range(E * k)]) for m in models]   # row r: candidate r % k of r // k
     ends = set(tokenizer.stop_ids) | ({tokenizer.special_tokens["<|im_end|>"]} if tokenizer.chatml else set())
@@ -138,7 +129,7 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
         open_rows = set(actions)
         while open_rows:
             logits = policy.lm_head(rows[0].last)                                       # (E*k, V)
-            step = [None] * (E * k)
+            step = [[] for _ in range(E * k)]
             greedy = logits.argmax(-1).tolist() if temperature == 0 else None
             for r in sorted(open_rows):
                 token = greedy[r] if greedy else search.sample_next(logits[r:r + 1], temperature,
@@ -147,10 +138,10 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
                     open_rows.discard(r)
                     continue
                 actions[r].append(token)
-                step[r] = token
+                step[r] = [token]
                 if len(actions[r]) >= max_action_tokens:
                     open_rows.discard(r)
-            if any(t is not None for t in step):
+            if any(step):
                 for model_rows in rows:
                     model_rows.feed(step)
         # 2. choose (the value at each candidate's last token), act, and append the answer to the transcript
@@ -185,12 +176,10 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
                 ep["end"] = "context"
             else:
                 pending[e] = new[cached:]
-        # 3. feed the answers (and the next assistant header) to every row of the episodes that go on
-        for i in range(max((len(p) for p in pending if p), default=0)):
-            step = [pending[r // k][i] if pending[r // k] and i < len(pending[r // k]) else None
-                    for r in range(E * k)]
-            for model_rows in rows:
-                model_rows.feed(step)
+        # 3. feed the answers (and the next assistant header) to every row of the episodes that go on, in one call
+        step = [pending[r // k] or [] for r in range(E * k)]
+        for model_rows in rows:
+            model_rows.feed(step)
     for ep in episodes:
         ep["end"] = ep["end"] or "turns"
     return episodes

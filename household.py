@@ -8,7 +8,8 @@ receptacles to open first, ALFWorld's six task types and its action grammar. Imp
     env.expert_plan()                         # a correct action list from the current state
 
 Splits, as ALFWorld's: `train`, `seen` (other episodes of the training layouts and task combinations) and `unseen`
-(layouts and (task, object, receptacle) combinations that no training task has). Any object with `reset(task) ->
+(layouts and (task, object, receptacle) combinations that no training task has); and `val`, drawn like `seen` but
+apart from it, for choosing settings (learning rates, SFT length), so that the test splits choose nothing. Any object with `reset(task) ->
 str` and `step(action) -> (observation, reward, done)` runs through agent.py's collect and eval the same way.
 """
 import copy
@@ -39,7 +40,7 @@ TASK_TYPES = tuple(TASK_OBJECTS)
 TREATMENT = {"pick_clean_then_place": ("clean", "clean", "sinkbasin 1"),
              "pick_heat_then_place": ("hot", "heat", "microwave 1"),
              "pick_cool_then_place": ("cool", "cool", "fridge 1")}
-N_TASKS = {"train": 600, "seen": 140, "unseen": 134}   # ALFWorld evaluates on 140 seen and 134 unseen games
+N_TASKS = {"train": 600, "val": 140, "seen": 140, "unseen": 134}   # ALFWorld evaluates on 140 seen, 134 unseen games
 NOTHING = "Nothing happens."
 
 

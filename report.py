@@ -4,6 +4,7 @@ The built-in demo's table, in the shape of the paper's: test accuracy per method
     python report.py out/demo                           # one run: OUT/results.json, OUT/results.svg
     python report.py out/demo-s0 out/demo-s1 out/demo-s2 --out out/summary   # mean ± std over seeds
     python report.py sweep out/demo                     # the learning-rate sweep on the validation problems
+    python report.py sweep out/agent                    # ... and the agent demo's (bash train.sh agent-sweep)
     python report.py agent out/agent [out/agent-s1 ...]  # the agent demo: success on the seen and unseen tasks
 
 Reads the search.py eval files that train.sh writes under OUT/eval/ (and OUT/sweep/ for the sweep), and
@@ -254,8 +255,10 @@ def sweep(outs):
     for out in outs:
         for path in sorted(Path(out, "sweep").glob("*.json")):
             method, lr = path.stem.rsplit("-lr", 1)
-            acc.setdefault(method, {}).setdefault(lr, []).append(json.loads(path.read_text())["summary"]["greedy"]
-                                                                 ["accuracy"])
+            summary = json.loads(path.read_text())["summary"]
+            # search.py eval: greedy accuracy on the validation problems; agent.py eval: greedy success on val
+            score = summary["greedy"]["accuracy"] if "greedy" in summary else summary["val"]["greedy"]["success"]
+            acc.setdefault(method, {}).setdefault(lr, []).append(score)
     if not acc:
         sys.exit(f"report.py: no sweep results in {outs[0]}/sweep (run bash train.sh sweep first)")
     result = {"runs": [str(o) for o in outs], "validation_accuracy": {}, "best_lr": {}}

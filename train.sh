@@ -14,6 +14,9 @@
 #                       the agent demo (default out/agent): household.py's ALFWorld-style environment; a tiny model
 #                       with a word tokenizer → the demonstrator's transcripts → SFT → collect K episodes per task →
 #                       RS / DPO / OREO-token / OREO-step → greedy and best-of-K on the seen and unseen tasks → table.
+#   bash train.sh agent-sweep [--out DIR] [--seed S]
+#                       the agent demo's learning-rate sweep (shares SFT and collect with `agent` in the same DIR):
+#                       every method at the same learning rates, greedy success on the VALIDATION tasks.
 #   bash train.sh real  the commands for a real run (print only; edit the paths, then run them yourself)
 #
 # Every oreo.py run writes DIR/<run>/ckpt.pt, log.jsonl (one JSON row per step), and at the end policy/ and value/
@@ -22,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=builtin
-case "${1:-}" in real|sweep|agent) MODE=$1; shift ;; esac
+case "${1:-}" in real|sweep|agent|agent-sweep) MODE=$1; shift ;; esac
 
 if [ "$MODE" = real ]; then
 cat <<'EOF'
@@ -71,7 +74,7 @@ exit 0
 fi
 
 # ---- Settings (environment variables; the flags below override three of them) --------------------------------
-[ "$MODE" = agent ] && OUT=${OUT:-out/agent}
+[ "$MODE" = agent ] || [ "$MODE" = agent-sweep ] && OUT=${OUT:-out/agent}
 OUT=${OUT:-out/demo}
 SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}                  # iterative RS and OREO: rounds of collect-with-the-new-policy, then retrain
@@ -80,7 +83,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --seed) SEED=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
-        *) echo "train.sh: unknown argument '$1' (use real, sweep, agent, --out DIR, --seed S, --rounds N)" >&2
+        *) echo "train.sh: unknown argument '$1' (use real, sweep, agent, agent-sweep, --out DIR, --seed S, --rounds N)" >&2
            exit 2 ;;
     esac
 done
@@ -223,30 +226,37 @@ run_all() {
 }
 
 # ---- The agent demo: agent.py and household.py (README, "The agent demo") ----------------------------------------
-if [ "$MODE" = agent ]; then
-    A_TRAIN=${A_TRAIN:-240} A_EVAL=${A_EVAL:-60}   # training tasks; evaluation tasks per split (seen, unseen)
-    A_MAX_STEPS=${A_MAX_STEPS:-15}                 # actions per episode (paper: 40; our expert plans are 4-9 long)
+if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
+    A_TRAIN=${A_TRAIN:-600} A_DEMOS=${A_DEMOS:-4}  # training tasks (all of them); demonstrations per task (SFT data)
+    A_EVAL=${A_EVAL:-0}                            # evaluation tasks per split (0: all, 140 seen and 134 unseen)
+    A_VAL=${A_VAL:-140}                            # validation tasks of the sweep (agent-sweep)
+    A_MAX_STEPS=${A_MAX_STEPS:-20}                 # actions per episode (paper: 40; our expert plans are 4-9 long)
     A_K=${A_K:-3}                                  # episodes per training task from the SFT policy
     A_BEST_OF=${A_BEST_OF:-3}                      # candidate actions per turn for value-guided best-of-K (paper: 3)
-    A_SFT_EPOCHS=${A_SFT_EPOCHS:-16} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
-    A_STEPS=${A_STEPS:-40} A_BATCH=${A_BATCH:-8}   # optimizer steps and batch (sequences) of RS, DPO, OREO
-    A_MAX_LEN=${A_MAX_LEN:-512} A_MODEL=${A_MODEL:-"--n-layer 3 --d-model 64 --n-head 4"}
+    A_SFT_EPOCHS=${A_SFT_EPOCHS:-7} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
+    A_STEPS=${A_STEPS:-60} A_BATCH=${A_BATCH:-16}  # optimizer steps and batch (sequences) of RS, DPO, OREO
+    A_MAX_LEN=${A_MAX_LEN:-512} A_MODEL=${A_MODEL:-"--n-layer 4 --d-model 128 --n-head 4"}
+    # Learning rates: see A_SWEEP_LRS below and the README's agent section for how they were chosen.
+    A_LR_RS=${A_LR_RS:-1e-4} A_LR_DPO=${A_LR_DPO:-3e-5} A_LR_OREO=${A_LR_OREO:-1e-4}
+    A_LR_OREO_STEP=${A_LR_OREO_STEP:-1e-4} A_VALUE_LR=${A_VALUE_LR:-1e-3}
+    A_SWEEP_LRS=${A_SWEEP_LRS:-"3e-5 1e-4 3e-4"}   # agent-sweep: every method at each, greedy success on val
     ENVARGS=(--seed $SEED --max-steps $A_MAX_STEPS)
     A_TRAIN_ARGS=(--max-len $A_MAX_LEN --batch-size $A_BATCH --micro-batch-size $A_BATCH --max-steps $A_STEPS
                   --seed $SEED --save-every 50 --resume)
     stage_agent_init() { python agent.py init "${ENVARGS[@]}" $A_MODEL --max-len $A_MAX_LEN --out $OUT/init; }
-    stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --tasks $A_TRAIN --out $D/demos.jsonl; }
+    stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --tasks $A_TRAIN --per-task $A_DEMOS \
+                              --out $D/demos.jsonl; }
     stage_agent_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --init $OUT/init --data $D/demos.jsonl \
                             --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR --batch-size $A_SFT_BATCH \
-                            --micro-batch-size $A_SFT_BATCH --seed $SEED --save-every 20 --resume --out $OUT/sft; }
+                            --micro-batch-size $A_SFT_BATCH --seed $SEED --save-every 100 --resume --out $OUT/sft; }
     stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --tasks $A_TRAIN \
                                 --out $D/episodes.jsonl; }
     a_train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/episodes.jsonl \
                     "${A_TRAIN_ARGS[@]}" --out $OUT/$name "$@"; }
-    stage_agent_rs() { a_train rs --loss rs --lr $LR_RS; }
-    stage_agent_dpo() { a_train dpo --loss dpo --lr $LR_DPO; }
-    stage_agent_oreo() { a_train oreo --lr $LR_OREO --value-lr $VALUE_LR; }
-    stage_agent_oreo_step() { a_train oreo_step --variant step --lr $LR_OREO_STEP --value-lr $VALUE_LR; }
+    stage_agent_rs() { a_train rs --loss rs --lr $A_LR_RS; }
+    stage_agent_dpo() { a_train dpo --loss dpo --lr $A_LR_DPO; }
+    stage_agent_oreo() { a_train oreo --lr $A_LR_OREO --value-lr $A_VALUE_LR; }
+    stage_agent_oreo_step() { a_train oreo_step --variant step --lr $A_LR_OREO_STEP --value-lr $A_VALUE_LR; }
     a_eval() { local name=$1; shift; python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL --policy $OUT/$name/policy \
                    --out $OUT/eval/$name.json "$@"; }
     stage_agent_eval_sft() { a_eval sft --methods greedy; }
@@ -254,10 +264,26 @@ if [ "$MODE" = agent ]; then
     stage_agent_eval_dpo() { a_eval dpo --methods greedy; }
     stage_agent_eval_oreo() { a_eval oreo --value $OUT/oreo/value --methods greedy,bestof$A_BEST_OF; }
     stage_agent_eval_oreo_step() { a_eval oreo_step --value $OUT/oreo_step/value --methods greedy,bestof$A_BEST_OF; }
+    # agent-sweep: one run per (method, learning rate), greedy success on the val split (the test splits choose
+    # nothing); OREO's value lr stays A_VALUE_LR
+    stage_agent_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
+        case $method in rs|dpo) flags+=(--loss $method) ;; oreo) flags+=(--value-lr $A_VALUE_LR) ;;
+                        oreo_step) flags+=(--variant step --value-lr $A_VALUE_LR) ;; esac
+        a_train $name "${flags[@]}"
+        python agent.py eval "${ENVARGS[@]}" --splits val --tasks $A_VAL --policy $OUT/$name/policy \
+            --methods greedy --out $OUT/$name.json; }
     job agent_init
     job agent_demos
     job agent_sft agent_init agent_demos
     job agent_collect agent_sft
+    if [ "$MODE" = agent-sweep ]; then
+        for lr in $A_SWEEP_LRS; do for method in oreo oreo_step dpo rs; do
+            job "agent_sweep $method $lr" agent_collect; done; done
+        echo "== train.sh agent-sweep: seed $SEED, $PARALLEL stages at a time, output in $OUT"
+        run_all
+        python report.py sweep $OUT
+        exit 0
+    fi
     job agent_eval_sft agent_sft
     for name in oreo oreo_step rs dpo; do
         job agent_$name agent_collect

@@ -117,8 +117,8 @@ def test_reward_comes_only_in_the_step_that_reaches_the_goal_and_the_step_limit_
             env.step("look")
 
 
-def test_unseen_split_has_new_layouts_and_combinations_and_seen_has_new_episodes():
-    train, seen, unseen = (household.make_tasks(s, seed=5) for s in ("train", "seen", "unseen"))
+def test_unseen_split_has_new_layouts_and_combinations_and_seen_and_val_have_new_episodes():
+    train, val, seen, unseen = (household.make_tasks(s, seed=5) for s in ("train", "val", "seen", "unseen"))
     key = lambda t: (t["type"], t["object"], t["target"])
     layout = lambda t: json.dumps(t["layout"], sort_keys=True)
     assert not {key(t) for t in unseen} & {key(t) for t in train}
@@ -126,8 +126,12 @@ def test_unseen_split_has_new_layouts_and_combinations_and_seen_has_new_episodes
     pool = set(household.world(5)[2]["train"])   # seen draws from the training combinations, not from the 600 drawn
     assert {key(t) for t in seen} <= pool and {key(t) for t in train} <= pool
     assert {layout(t) for t in seen} <= {layout(t) for t in train}
-    assert not {(key(t), layout(t), t["episode"]) for t in seen} & {(key(t), layout(t), t["episode"]) for t in train}
-    assert [len(x) for x in (train, seen, unseen)] == [600, 140, 134]
+    episode = lambda split: {(key(t), layout(t), t["episode"]) for t in split}
+    assert not episode(seen) & episode(train)
+    # val (for choosing settings) is drawn like seen, apart from train and from seen
+    assert {key(t) for t in val} <= pool and {layout(t) for t in val} <= {layout(t) for t in train}
+    assert not episode(val) & episode(train) and not episode(val) & episode(seen)
+    assert [len(x) for x in (train, val, seen, unseen)] == [600, 140, 140, 134]
 
 
 def test_demonstrator_makes_mistakes_and_its_reward_is_the_environments():
