@@ -338,10 +338,14 @@ def evaluate(args):
         value_model = loading.load_value(args.value, policy, tokenizer, args.policy, device, dtype)
     elif any(kind == "bestof" for kind, _ in methods):
         raise data.UserError("--methods bestofK needs a value model: pass --value FOLDER")
-    summary, per_task = {}, {}
-    for split in args.splits.split(","):
+    summary, per_task, splits = {}, {}, {}
+    for split in args.splits.split(","):   # every split's tasks first: a bad name fails before any episode runs
         make_env = env_factory(args.env, split, args.seed, args.max_steps)
-        tasks = make_env().tasks(split, args.tasks or None)
+        try:
+            splits[split] = make_env, make_env().tasks(split, args.tasks or None)
+        except (ValueError, KeyError) as e:
+            raise data.UserError(f"--splits {args.splits}: {split!r}: {e}") from None
+    for split, (make_env, tasks) in splits.items():
         summary[split], per_task[split] = {}, {}
         for kind, width in methods:
             name, t0 = kind if kind != "bestof" else f"bestof{width}", time.time()

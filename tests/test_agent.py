@@ -254,3 +254,7 @@ def test_eval_reports_success_and_steps_per_split_and_method(policy_dirs):
         assert summary[split]["greedy"]["steps"] == 2.0   # a random policy never succeeds in 2 steps
     with pytest.raises(ValueError, match="value model"):
         agent.main(["eval", "--policy", str(policy), "--methods", "bestof2", "--out", str(out)])
+    with pytest.raises(data.UserError, match="--splits seen,foo: 'foo': unknown split"):
+        agent.main(["eval", "--policy", str(policy), "--methods", "greedy", "--splits", "seen,foo",
+                    "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
