@@ -241,25 +241,47 @@ def collate(examples, pad_id):
 class Sampler:
     """Global batches drawn from an endless stream of per-epoch shuffles (epoch e: Random(seed, e)). Global step g
     takes stream positions [g*G, (g+1)*G), crossing epoch ends, so every batch is full. Each rank takes its
-    contiguous 1/world_size share. The state is the global step, so a run resumes exactly, on any world size."""
+    contiguous 1/world_size share. The state is the global step, so a run resumes exactly, on any world size.
 
-    def __init__(self, n_examples, global_batch, seed, rank=0, world_size=1):
+    With lengths (one per example), batches group examples of similar length, so less of each is padding: each
+    epoch's shuffle is cut, where the stream's batches start, into chunks of GROUP batches; each chunk is sorted
+    by length and cut into its batches, and the epoch's whole batches are shuffled (the group_by_length of other
+    trainers)."""
+    GROUP = 64
+
+    def __init__(self, n_examples, global_batch, seed, rank=0, world_size=1, lengths=None):
         if n_examples < 1:
             raise ValueError("Sampler: no examples to sample from")
         if not 0 <= rank < world_size:
             raise ValueError(f"Sampler: rank {rank} is outside world size {world_size}")
         if global_batch % world_size:
             raise ValueError(f"Sampler: global batch {global_batch} is not divisible by world size {world_size}")
-        self.n, self.global_batch, self.seed = n_examples, global_batch, seed
+        if lengths is not None and len(lengths) != n_examples:
+            raise ValueError(f"Sampler: {len(lengths)} lengths for {n_examples} examples")
+        self.n, self.global_batch, self.seed, self.lengths = n_examples, global_batch, seed, lengths
         self.rank, self.world_size = rank, world_size
         self.step, self._perm = 0, (None, None)
 
     def _order(self, epoch):
         if self._perm[0] != epoch:
-            order = list(range(self.n))
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            order, rng = list(range(self.n)), random.Random(f"{self.seed}:{epoch}")
+            rng.shuffle(order)
+            if self.lengths is not None:
+                order = self._grouped(order, epoch, rng)
             self._perm = (epoch, order)
         return self._perm[1]
+
+    def _grouped(self, order, epoch, rng):
+        G = self.global_batch
+        head = (-epoch * self.n) % G            # this epoch's first examples finish a batch begun in the last one
+        n_whole = (self.n - head) // G * G      # the batches that lie inside this epoch; the rest starts the next
+        body, tail = order[head:head + n_whole], order[head + n_whole:]
+        batches = []
+        for c in range(0, n_whole, self.GROUP * G):
+            chunk = sorted(body[c:c + self.GROUP * G], key=lambda i: self.lengths[i])
+            batches += [chunk[b:b + G] for b in range(0, len(chunk), G)]
+        rng.shuffle(batches)
+        return order[:head] + [i for batch in batches for i in batch] + tail
 
     def global_indices(self, step):
         positions = range(step * self.global_batch, (step + 1) * self.global_batch)  # in the stream of epochs
@@ -273,12 +295,14 @@ class Sampler:
             yield indices[self.rank * share:(self.rank + 1) * share]
 
     def state_dict(self):
-        return {"step": self.step, "n_examples": self.n, "global_batch": self.global_batch, "seed": self.seed}
+        return {"step": self.step, "n_examples": self.n, "global_batch": self.global_batch, "seed": self.seed,
+                "grouped": self.lengths is not None}
 
     def load_state_dict(self, state):
-        for key, mine in (("n_examples", self.n), ("global_batch", self.global_batch), ("seed", self.seed)):
-            if state[key] != mine:
-                raise UserError(f"Sampler: resuming with {key}={mine}, but the checkpoint has {state[key]}")
+        ours = self.state_dict()
+        for key in ("n_examples", "global_batch", "seed", "grouped"):
+            if state.get(key, False) != ours[key]:   # (checkpoints before --group-by-length lack "grouped")
+                raise UserError(f"Sampler: resuming with {key}={ours[key]}, but the checkpoint has {state.get(key)}")
         self.step = state["step"]
 
 

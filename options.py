@@ -29,6 +29,8 @@ def parse_args(argv=None):
                    "the value trains at every action state; official = a step starts at the token holding the "
                    "character after a delimiter (' Then' after '. '), the value trains at step starts only")
     g.add_argument("--max-len", type=int, default=2048, help="tokens per sequence (prompt + response); longer are cut")
+    g.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together (less padding; batches stay in random order)")
     g.add_argument("--builtin-problems", type=int, default=data.BUILTIN_TRAIN_PROBLEMS,
                    help="built-in task (no --data): number of training problems, as data.py builtin --n-train")
 

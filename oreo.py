@@ -371,7 +371,7 @@ def log_step(args, step, total_steps, stats, grad_norms, lr, seconds, eta, mfu, 
     row = {"step": step + 1, "policy_loss": stats.policy_loss, "value_loss": stats.value_loss, "kl": stats.kl,
            "mean_value": stats.mean_value, "mean_reward": stats.mean_reward, "lr": lr,
            "grad_norm_policy": grad_norms["policy"], "grad_norm_value": value_norm,
-           "tokens_per_s": stats.tokens / seconds, "eta_s": eta}
+           "tokens": stats.tokens, "seq_len": stats.seq_len, "tokens_per_s": stats.tokens / seconds, "eta_s": eta}
     name = "policy" if value_norm is not None else args.loss
     line = (f"step {step + 1}/{total_steps} | {name} {stats.policy_loss:.4f}" +
             (f" value {stats.value_loss:.4f} KL {stats.kl:.4f} | V {stats.mean_value:+.3f}"
@@ -397,7 +397,9 @@ def main(argv=None):
     policy, reference, value = build_models(args, tokenizer, run.device)
     torch.manual_seed(args.seed + run.rank)  # from here on, each rank draws its own random numbers
     trained, reference = wrap_models(args, run, policy, reference, value)
-    sampler = data.Sampler(len(examples), args.batch_size, args.seed, rank=run.rank, world_size=run.world_size)
+    lengths = [sum(len(e.ids) for e in (ex if args.loss == "dpo" else (ex,))) for ex in examples]
+    sampler = data.Sampler(len(examples), args.batch_size, args.seed, rank=run.rank, world_size=run.world_size,
+                           lengths=lengths if args.group_by_length else None)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
         raise data.UserError(f"{len(examples)} training examples, fewer than --batch-size {args.batch_size}")

@@ -478,6 +478,42 @@ def test_resume_equals_an_uninterrupted_run_also_on_another_world_size(new_world
         data.Sampler(29, 8, seed=7).load_state_dict(state)
 
 
+@pytest.mark.parametrize("n,batch", [(203, 8), (64, 16), (37, 4)])
+def test_grouping_by_length_keeps_epochs_permutations_and_cuts_padding(monkeypatch, n, batch):
+    monkeypatch.setattr(data.Sampler, "GROUP", 3)   # several chunks per epoch
+    lengths = [random.Random(f"{n}:{i}").randint(1, 300) for i in range(n)]
+    grouped, plain = iter(data.Sampler(n, batch, 5, lengths=lengths)), iter(data.Sampler(n, batch, 5))
+    steps = 4 * n // batch
+    batches = [next(grouped) for _ in range(steps)]
+    stream = [i for b in batches for i in b]
+    for epoch in range(steps * batch // n):
+        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n)), f"epoch {epoch}"
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+    assert padding(batches) < 0.6 * padding([next(plain) for _ in range(steps)])
+
+
+@pytest.mark.parametrize("new_world_size", [1, 4])
+def test_a_grouped_sampler_resumes_exactly_on_another_world_size(new_world_size):
+    lengths = [random.Random(f"29:{i}").randint(1, 50) for i in range(29)]
+    uninterrupted = iter(data.Sampler(29, 4, seed=7, lengths=lengths))
+    expected = [next(uninterrupted) for _ in range(20)]
+    before = [data.Sampler(29, 4, seed=7, rank=r, world_size=2, lengths=lengths) for r in range(2)]
+    its = [iter(s) for s in before]
+    seen = [[i for it in its for i in next(it)] for _ in range(9)]
+    state = json.loads(json.dumps(before[0].state_dict()))
+    after = [data.Sampler(29, 4, seed=7, rank=r, world_size=new_world_size, lengths=lengths)
+             for r in range(new_world_size)]
+    for s in after:
+        s.load_state_dict(state)
+    its = [iter(s) for s in after]
+    seen += [[i for it in its for i in next(it)] for _ in range(11)]
+    assert seen == expected
+    with pytest.raises(ValueError, match="grouped"):
+        data.Sampler(29, 4, seed=7).load_state_dict(state)
+
+
 def test_dpo_pairs_pair_correct_with_wrong_of_the_same_prompt_at_most_six():
     rng = random.Random(0)
     trajs = [{"prompt": f"p{k % 5}", "response": str(k), "reward": float(rng.random() < 0.4)} for k in range(200)]

@@ -199,6 +199,19 @@ def one_process_run(traj_file, tmp_path_factory):
     return args, weights(out)[1]
 
 
+def test_group_by_length_batches_the_sequences_the_sampler_groups(traj_file, tmp_path):
+    out = str(tmp_path)
+    run(["--data", traj_file, *TINY, "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "3",
+         "--save-every", "0", "--group-by-length", "--out", out])
+    ckpt, _ = weights(out)
+    assert ckpt["sampler"]["grouped"] and ckpt["sampler"]["step"] == 3
+    tokenizer = oreo.data.Tokenizer.byte_level()
+    lengths = [len(oreo.data.encode_trajectory(tokenizer, json.loads(line), 2048).ids) for line in open(traj_file)]
+    sampler = iter(oreo.data.Sampler(16, 4, ckpt["args"]["seed"], lengths=lengths))
+    tokens = [sum(lengths[i] for i in next(sampler)) for _ in range(3)]
+    assert [row["tokens"] for row in read_log(out)] == tokens
+
+
 def test_two_ddp_processes_give_the_same_parameters_as_one_process(one_process_run, tmp_path):
     args, single = one_process_run
     out = str(tmp_path / "ddp")
