@@ -36,6 +36,10 @@ ROWS = [
     ("OREO-token round {R} greedy", "oreo_r{R}", "greedy", "oreo"),
     ("OREO-token greedy (beam problems)", "oreo", "greedy", "search"),
     ("OREO + value beam B = {B}", "beam_oreo", "beam{B}", "search"),
+    ("OREO-token round {R} greedy on the beam problems", "beam_oreo_r{R}", "greedy", "search"),
+    ("OREO-token round {R} + value beam B = {B}", "beam_oreo_r{R}", "beam{B}", "search"),
+    ("OREO-token tuned for search: greedy (beam problems)", "oreo_search", "greedy", "search"),
+    ("OREO-token tuned for search + value beam B = {B}", "oreo_search", "beam{B}", "search"),
     ("SFT greedy (beam problems)", "sft", "greedy", "search"),
     ("SFT policy + OREO value beam B = {B}", "beam_sft", "beam{B}", "search"),
     ("SFT policy + random scores beam B = {B} (control)", "beam_sft", "randbeam{B}", "search"),
@@ -43,7 +47,8 @@ ROWS = [
     ("1 of {K} SFT samples chosen at random", "choice", "bestof{K}:random", "choice"),
     ("1 of {K} SFT samples: best possible", "choice", "bestof{K}:best_possible", "choice"),
 ]
-BEAM_FILE = {"oreo": "beam_oreo", "sft": "beam_sft"}   # whose problems a "(beam problems)" row counts
+BEAM_FILE = {"oreo": "beam_oreo", "sft": "beam_sft", "oreo_search": "oreo_search"}   # whose problems a "(beam
+# problems)" row counts
 COLORS = {"baseline": "#9e9e9e", "oreo": "#1f77b4", "search": "#2ca02c", "choice": "#ff7f0e",
           "diagnostic": "#9467bd"}
 
@@ -216,7 +221,10 @@ def report(outs, dest):
 # the agent demo: (row label, eval file under OUT/eval, method in it, group), for each split
 AGENT_ROWS = [("SFT", "sft", "greedy", "baseline"), ("RS", "rs", "greedy", "baseline"),
               ("DPO", "dpo", "greedy", "baseline"), ("OREO-token", "oreo", "greedy", "oreo"),
-              ("OREO-step", "oreo_step", "greedy", "oreo"), ("OREO-token + best-of-{K}", "oreo", "bestof{K}", "search"),
+              ("OREO-step", "oreo_step", "greedy", "oreo"),
+              ("OREO-token, sampling (T 1)", "oreo", "sample", "search"),
+              ("OREO-token + best-of-{K}", "oreo", "bestof{K}", "search"),
+              ("OREO-step, sampling (T 1)", "oreo_step", "sample", "search"),
               ("OREO-step + best-of-{K}", "oreo_step", "bestof{K}", "search")]
 
 
@@ -259,16 +267,21 @@ def sweep(outs):
             # search.py eval: greedy accuracy on the validation problems; agent.py eval: greedy success on val
             score = summary["greedy"]["accuracy"] if "greedy" in summary else summary["val"]["greedy"]["success"]
             acc.setdefault(method, {}).setdefault(lr, []).append(score)
+        for path in sorted(Path(out, "sweep", "beam").glob("*.json")):   # OREO's runs searched with their value
+            method, lr = path.stem.rsplit("-lr", 1)
+            for key, row in json.loads(path.read_text())["summary"].items():
+                acc.setdefault(f"{method}+{key}", {}).setdefault(lr, []).append(row["accuracy"])
     if not acc:
         sys.exit(f"report.py: no sweep results in {outs[0]}/sweep (run bash train.sh sweep first)")
     result = {"runs": [str(o) for o in outs], "validation_accuracy": {}, "best_lr": {}}
     lrs = sorted({lr for by_lr in acc.values() for lr in by_lr}, key=float)   # methods may have other grids
-    print(f"{'method':<10} " + "  ".join(f"lr {lr:>6}" for lr in lrs))
+    width = max(map(len, acc)) + 1
+    print(f"{'method':<{width}} " + "  ".join(f"lr {lr:>6}" for lr in lrs))
     for method, by_lr in acc.items():
         means = {lr: statistics.fmean(xs) for lr, xs in sorted(by_lr.items(), key=lambda kv: float(kv[0]))}
         result["validation_accuracy"][method] = means
         result["best_lr"][method] = max(means, key=lambda lr: (means[lr], -float(lr)))   # ties: the smaller rate
-        print(f"{method:<10} " + "  ".join(f"{means[lr]:9.3f}" if lr in means else f"{'-':>9}" for lr in lrs) +
+        print(f"{method:<{width}} " + "  ".join(f"{means[lr]:9.3f}" if lr in means else f"{'-':>9}" for lr in lrs) +
               f"   best {result['best_lr'][method]}")
     write(Path(outs[0], "sweep.json"), json.dumps(result, indent=1))
     print(f"report.py: wrote {outs[0]}/sweep.json")

@@ -99,12 +99,14 @@ SFT_BEAMS=${SFT_BEAMS:-3}            # ... and with the SFT policy (each also wi
 BEAM_PROBLEMS=${BEAM_PROBLEMS:-300}  # the first test problems that beam search runs on
 DIAG_PROBLEMS=${DIAG_PROBLEMS:-500}  # the first test problems diagnose.py samples K times each
 MODEL=${MODEL:-"--n-layer 4 --d-model 128 --n-head 4"}
-# Learning rates: the best on the 200 validation problems of the seed-0 sweep (bash train.sh sweep, 2026-12-02;
-# docs/demo_sweep.json): RS 1e-4, DPO 1e-5, KTO 1e-5, OREO-token 1e-3, OREO-step 3e-4 (value lr 1e-3 throughout).
-LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-1e-5} LR_KTO=${LR_KTO:-1e-5} LR_OREO=${LR_OREO:-1e-3}
-LR_OREO_STEP=${LR_OREO_STEP:-3e-4}
+# Learning rates: the best greedy accuracy on the 200 validation problems of the seed-0 sweep (bash train.sh
+# sweep, 2026-12-02, 8 rates per method; docs/demo_sweep.json): RS 1e-4, DPO 1e-5, KTO 3e-6, OREO-token 1e-3,
+# OREO-step 3e-4 (value lr 1e-3 throughout). LR_OREO_SEARCH: OREO-token's rate with the best value-guided beam
+# search (B = 3) on the same problems, from the same 8 runs.
+LR_RS=${LR_RS:-1e-4} LR_DPO=${LR_DPO:-1e-5} LR_KTO=${LR_KTO:-3e-6} LR_OREO=${LR_OREO:-1e-3}
+LR_OREO_STEP=${LR_OREO_STEP:-3e-4} LR_OREO_SEARCH=${LR_OREO_SEARCH:-3e-5}
 VALUE_LR=${VALUE_LR:-1e-3}           # OREO's value model (both variants)
-SWEEP_LRS=${SWEEP_LRS:-"1e-5 3e-5 1e-4 3e-4 1e-3"}
+SWEEP_LRS=${SWEEP_LRS:-"1e-6 3e-6 1e-5 3e-5 1e-4 3e-4 1e-3 3e-3"}
 # Two processes at a time with one thread each: on 2 shared cores this beats one process with two threads.
 PARALLEL=${PARALLEL:-2}
 # The thread count is part of the result: float sums split over 2 threads round differently than over 1, so it
@@ -135,6 +137,7 @@ stage_dpo() { train dpo --loss dpo --lr $LR_DPO; }
 stage_kto() { train kto --loss kto --lr $LR_KTO; }
 stage_oreo() { train oreo --lr $LR_OREO --value-lr $VALUE_LR; }
 stage_oreo_step() { train oreo_step --variant step --lr $LR_OREO_STEP --value-lr $VALUE_LR; }
+stage_oreo_search() { train oreo_search --lr $LR_OREO_SEARCH --value-lr $VALUE_LR; }
 evaluate() { local name=$1; shift; python search.py eval --problems $D/problems_test.jsonl "${EVAL[@]}" "$@" \
                  --out $OUT/eval/$name.json; }
 stage_eval_sft() { evaluate sft --policy $OUT/sft/policy --methods greedy,sample; }
@@ -149,6 +152,9 @@ stage_eval_oreo_step() { evaluate oreo_step --policy $OUT/oreo_step/policy --met
 beam() { echo "$1" | sed 's/^/beam/; s/,/,beam/g'; }   # "3,5" -> "beam3,beam5"
 stage_beam_oreo() { evaluate beam_oreo --policy $OUT/oreo/policy --value $OUT/oreo/value --methods $(beam $BEAMS) \
                         --limit $BEAM_PROBLEMS; }
+# OREO-token at the rate chosen for beam search: greedy and value beam on the same problems
+stage_beam_oreo_search() { evaluate oreo_search --policy $OUT/oreo_search/policy --value $OUT/oreo_search/value \
+                               --methods greedy,$(beam $BEAMS) --limit $BEAM_PROBLEMS; }
 stage_beam_sft() { evaluate beam_sft --policy $OUT/sft/policy --value $OUT/oreo/value --limit $BEAM_PROBLEMS \
                        --methods $(beam $SFT_BEAMS),$(beam $SFT_BEAMS | sed 's/beam/randbeam/g'); }
 # how well the value tells right from wrong: choose 1 of K SFT samples by the value, against chance and the best
@@ -165,6 +171,8 @@ stage_oreo_r() { python oreo.py --init $(prev oreo $1)/policy --init-value $(pre
                      --data $D/samples_oreo_r$1.jsonl "${TRAIN[@]}" --lr $LR_OREO --value-lr $VALUE_LR \
                      --out $OUT/oreo_r$1; }
 stage_eval_r() { evaluate $1_r$2 --policy $OUT/$1_r$2/policy --methods greedy; }     # stage_eval_r METHOD ROUND
+stage_beam_r() { evaluate beam_oreo_r$1 --policy $OUT/oreo_r$1/policy --value $OUT/oreo_r$1/value \
+                     --methods greedy,$(beam $BEAMS) --limit $BEAM_PROBLEMS; }          # stage_beam_r ROUND
 # sweep: one run per (method, learning rate), greedy accuracy on the validation problems
 stage_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
     case $method in rs|dpo|kto) flags+=(--loss $method) ;; oreo) flags+=(--value-lr $VALUE_LR) ;;
@@ -172,6 +180,10 @@ stage_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
     train $name "${flags[@]}"
     python search.py eval --problems $D/problems_val.jsonl "${EVAL[@]}" --policy $OUT/$name/policy \
         --methods greedy --out $OUT/$name.json; }
+# ... and OREO's own test-time method: value-guided beam search with its policy and value, on the same problems
+stage_sweep_beam() { local name=$1-lr$2
+    python search.py eval --problems $D/problems_val.jsonl "${EVAL[@]}" --policy $OUT/sweep/$name/policy \
+        --value $OUT/sweep/$name/value --methods $(beam $BEAMS) --out $OUT/sweep/beam/$name.json; }
 
 # ---- A small scheduler: PARALLEL stages at a time, each once its dependencies are done ----------------------
 set -m
@@ -233,22 +245,25 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
     A_MAX_STEPS=${A_MAX_STEPS:-20}                 # actions per episode (paper: 40; our expert plans are 4-9 long)
     A_K=${A_K:-3}                                  # episodes per training task from the SFT policy
     A_BEST_OF=${A_BEST_OF:-3}                      # candidate actions per turn for value-guided best-of-K (paper: 3)
-    A_SFT_EPOCHS=${A_SFT_EPOCHS:-7} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
+    A_SFT_EPOCHS=${A_SFT_EPOCHS:-10} A_SFT_LR=${A_SFT_LR:-3e-3} A_SFT_BATCH=${A_SFT_BATCH:-16}
     A_STEPS=${A_STEPS:-60} A_BATCH=${A_BATCH:-16}  # optimizer steps and batch (sequences) of RS, DPO, OREO
     A_MAX_LEN=${A_MAX_LEN:-512} A_MODEL=${A_MODEL:-"--n-layer 4 --d-model 128 --n-head 4"}
-    # Learning rates: see A_SWEEP_LRS below and the README's agent section for how they were chosen.
-    A_LR_RS=${A_LR_RS:-1e-4} A_LR_DPO=${A_LR_DPO:-3e-5} A_LR_OREO=${A_LR_OREO:-1e-4}
-    A_LR_OREO_STEP=${A_LR_OREO_STEP:-1e-4} A_VALUE_LR=${A_VALUE_LR:-1e-3}
-    A_SWEEP_LRS=${A_SWEEP_LRS:-"3e-5 1e-4 3e-4"}   # agent-sweep: every method at each, greedy success on val
+    # Learning rates: the best greedy success on the 140 val tasks of the seed-0 agent-sweep (2026-12-02; every
+    # method at 1e-5, 1e-4, 1e-3; docs/agent_sweep.json): 1e-5 for all four, the grid's lower edge.
+    A_LR_RS=${A_LR_RS:-1e-5} A_LR_DPO=${A_LR_DPO:-1e-5} A_LR_OREO=${A_LR_OREO:-1e-5}
+    A_LR_OREO_STEP=${A_LR_OREO_STEP:-1e-5} A_VALUE_LR=${A_VALUE_LR:-1e-3}
+    A_SWEEP_LRS=${A_SWEEP_LRS:-"1e-5 1e-4 1e-3"}   # agent-sweep: every method at each, greedy success on val
     ENVARGS=(--seed $SEED --max-steps $A_MAX_STEPS)
+    # episodes differ in length (4 to 20 turns): batches group similar lengths, a third less padding
     A_TRAIN_ARGS=(--max-len $A_MAX_LEN --batch-size $A_BATCH --micro-batch-size $A_BATCH --max-steps $A_STEPS
-                  --seed $SEED --save-every 50 --resume)
+                  --group-by-length --seed $SEED --save-every 50 --resume)
     stage_agent_init() { python agent.py init "${ENVARGS[@]}" $A_MODEL --max-len $A_MAX_LEN --out $OUT/init; }
     stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --tasks $A_TRAIN --per-task $A_DEMOS \
                               --out $D/demos.jsonl; }
     stage_agent_sft() { OMP_NUM_THREADS=$SFT_THREADS python oreo.py --loss sft --init $OUT/init --data $D/demos.jsonl \
                             --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR --batch-size $A_SFT_BATCH \
-                            --micro-batch-size $A_SFT_BATCH --seed $SEED --save-every 100 --resume --out $OUT/sft; }
+                            --micro-batch-size $A_SFT_BATCH --group-by-length --seed $SEED --save-every 100 --resume \
+                            --out $OUT/sft; }
     stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --tasks $A_TRAIN \
                                 --out $D/episodes.jsonl; }
     a_train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/episodes.jsonl \
@@ -262,8 +277,9 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
     stage_agent_eval_sft() { a_eval sft --methods greedy; }
     stage_agent_eval_rs() { a_eval rs --methods greedy; }
     stage_agent_eval_dpo() { a_eval dpo --methods greedy; }
-    stage_agent_eval_oreo() { a_eval oreo --value $OUT/oreo/value --methods greedy,bestof$A_BEST_OF; }
-    stage_agent_eval_oreo_step() { a_eval oreo_step --value $OUT/oreo_step/value --methods greedy,bestof$A_BEST_OF; }
+    # best-of-K picks among K actions sampled at --temperature: "sample" (one such action per turn) is its control
+    stage_agent_eval_oreo() { a_eval oreo --value $OUT/oreo/value --methods greedy,sample,bestof$A_BEST_OF; }
+    stage_agent_eval_oreo_step() { a_eval oreo_step --value $OUT/oreo_step/value --methods greedy,sample,bestof$A_BEST_OF; }
     # agent-sweep: one run per (method, learning rate), greedy success on the val split (the test splits choose
     # nothing); OREO's value lr stays A_VALUE_LR
     stage_agent_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
@@ -301,6 +317,8 @@ job sft data
 job collect sft
 if [ "$MODE" = sweep ]; then
     for lr in $SWEEP_LRS; do for method in oreo oreo_step dpo kto rs; do job "sweep $method $lr" collect; done; done
+    for lr in $SWEEP_LRS; do for method in oreo oreo_step; do
+        job "sweep_beam $method $lr" "sweep:$method:$lr"; done; done
     run_all
     python report.py sweep $OUT
     exit 0
@@ -321,12 +339,15 @@ job kto collect
 job eval_oreo_step oreo_step
 job eval_dpo dpo
 job eval_kto kto
+job oreo_search collect
+job beam_oreo_search oreo_search
 for r in $(seq 2 $ROUNDS); do
     for method in oreo rs; do
         job "collect_r $method $r" $([ $r -eq 2 ] && echo $method || echo "${method}_r:$((r - 1))")
         job "${method}_r $r" "collect_r:$method:$r"
         job "eval_r $method $r" "${method}_r:$r"
     done
+    job "beam_r $r" "oreo_r:$r"
 done
 echo "== train.sh: the built-in task, seed $SEED, $ROUNDS round(s), $PARALLEL stages at a time, output in $OUT"
 run_all

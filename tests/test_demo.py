@@ -17,6 +17,7 @@ import torch
 import data
 import diagnose
 import oreo
+import report
 from model import Config, Transformer, ValueModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +29,10 @@ TINY = {"N_TRAIN": "48", "N_VAL": "8", "N_TEST": "24", "N_OPS": "2", "DEMOS": "2
         "MODEL": "--n-layer 1 --d-model 32 --n-head 2",
         # large rates so that 16 steps of a tiny model move the losses well clear of batch-to-batch noise
         "LR_RS": "3e-3", "LR_DPO": "3e-3", "LR_KTO": "3e-3", "LR_OREO": "3e-3", "LR_OREO_STEP": "3e-3",
+        "LR_OREO_SEARCH": "1e-3",
         "VALUE_LR": "3e-3"}
 ENV = {**os.environ, **TINY, "OMP_NUM_THREADS": "1"}
-RUNS = ("sft", "rs", "dpo", "kto", "oreo", "oreo_step", "rs_r2", "oreo_r2")
+RUNS = ("sft", "rs", "dpo", "kto", "oreo", "oreo_step", "oreo_search", "rs_r2", "oreo_r2")
 TOKENIZER = data.Tokenizer.byte_level()
 
 
@@ -136,6 +138,26 @@ def test_sft_fit_nll_is_the_trainers_sft_loss_and_the_floor_its_entropy_per_toke
     assert floor == pytest.approx(expected, rel=1e-12)
 
 
+def test_sweep_report_takes_each_methods_best_rate_and_oreos_beam_search_as_rows_of_their_own(tmp_path):
+    # hand-written validation accuracies: greedy files under sweep/, OREO's beam-search files under sweep/beam/
+    greedy = {"rs": {"1e-4": 0.6, "1e-3": 0.5}, "oreo": {"1e-4": 0.4, "1e-3": 0.55, "3e-3": 0.55}}
+    beams = {"oreo": {"1e-4": {"beam2": 0.3, "beam3": 0.7}, "1e-3": {"beam2": 0.5, "beam3": 0.6}}}
+    (tmp_path / "sweep" / "beam").mkdir(parents=True)
+    for method, by_lr in greedy.items():
+        for lr, acc in by_lr.items():
+            summary = {"greedy": {"accuracy": acc, "tokens": 1, "seconds": 1}}
+            (tmp_path / "sweep" / f"{method}-lr{lr}.json").write_text(json.dumps({"summary": summary}))
+    for method, by_lr in beams.items():
+        for lr, accs in by_lr.items():
+            summary = {key: {"accuracy": acc, "tokens": 1, "seconds": 1} for key, acc in accs.items()}
+            (tmp_path / "sweep" / "beam" / f"{method}-lr{lr}.json").write_text(json.dumps({"summary": summary}))
+    report.main(["sweep", str(tmp_path)])
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    # a tie (OREO 0.55 at 1e-3 and 3e-3) goes to the smaller rate
+    assert result["best_lr"] == {"rs": "1e-4", "oreo": "1e-3", "oreo+beam2": "1e-3", "oreo+beam3": "1e-4"}
+    assert result["validation_accuracy"]["oreo+beam3"] == {"1e-4": 0.7, "1e-3": 0.6}
+
+
 # ---- the whole pipeline at tiny size -----------------------------------------------------------------------
 
 def run_train_sh(out, timeout=1200):
@@ -172,7 +194,7 @@ def test_every_trainer_exported_its_models_and_logged_every_step(run):
         assert (out / name / "policy" / "config.json").exists(), f"{name}: no exported policy"
         log = read_log(out / name / "log.jsonl")
         assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and len(log) >= STEPS, f"{name}: steps"
-    for name in ("oreo", "oreo_step", "oreo_r2"):
+    for name in ("oreo", "oreo_step", "oreo_search", "oreo_r2"):
         assert (out / name / "value" / "value_head.safetensors").exists(), f"{name}: no exported value model"
 
 
@@ -224,12 +246,14 @@ def test_eval_files_hold_accuracies_in_0_1_for_every_problem(run):
     out, _ = run
     evals = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
     assert set(evals) == {"sft", "rs", "dpo", "kto", "oreo", "oreo_step", "beam_oreo", "beam_sft", "choice",
-                          "rs_r2", "oreo_r2"}
+                          "oreo_search", "rs_r2", "oreo_r2", "beam_oreo_r2"}
     assert set(evals["beam_sft"]["summary"]) == {"beam2", "randbeam2"}
+    assert set(evals["oreo_search"]["summary"]) == {"greedy", "beam2", "beam3"}
     for name, ev in evals.items():
         for method, s in ev["summary"].items():
             assert 0 <= s["accuracy"] <= 1, f"{name} {method}: accuracy {s['accuracy']}"
-            assert len(ev["per_problem"][method]) == (10 if name.startswith("beam") else 24), (name, method)
+            n = 10 if name.startswith("beam") or name == "oreo_search" else 24
+            assert len(ev["per_problem"][method]) == n, (name, method)
         for method, c in ev["choice"].items():
             assert 0 <= c["random"] <= c["best_possible"] <= 1 and c["by_value"] <= c["best_possible"], (name, c)
 
@@ -240,7 +264,11 @@ def test_results_table_has_every_row_and_the_chart_is_valid_svg(run):
     expected = ["SFT greedy", "SFT sampling (T = 1)", "RS greedy", "DPO greedy", "KTO greedy", "OREO-token greedy",
                 "OREO-step greedy", "RS round 2 greedy", "OREO-token round 2 greedy",
                 "OREO-token greedy (beam problems)", "OREO + value beam B = 2",
-                "OREO + value beam B = 3", "SFT greedy (beam problems)", "SFT policy + OREO value beam B = 2",
+                "OREO + value beam B = 3", "OREO-token round 2 greedy on the beam problems",
+                "OREO-token round 2 + value beam B = 2", "OREO-token round 2 + value beam B = 3",
+                "OREO-token tuned for search: greedy (beam problems)",
+                "OREO-token tuned for search + value beam B = 2", "OREO-token tuned for search + value beam B = 3",
+                "SFT greedy (beam problems)", "SFT policy + OREO value beam B = 2",
                 "SFT policy + random scores beam B = 2 (control)",
                 f"1 of {K} SFT samples chosen by OREO value", f"1 of {K} SFT samples chosen at random",
                 f"1 of {K} SFT samples: best possible"]
