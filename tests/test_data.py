@@ -460,22 +460,27 @@ def test_sharding_covers_the_global_batch_exactly_once(world_size):
         assert [i for s in shares for i in s] == next(reference)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("new_world_size", [2, 1, 4])
-def test_resume_equals_an_uninterrupted_run_also_on_another_world_size(new_world_size):
-    uninterrupted = iter(data.Sampler(29, 4, seed=7))
+def test_resume_equals_an_uninterrupted_run_also_on_another_world_size(new_world_size, grouped):
+    lengths = [random.Random(f"29:{i}").randint(1, 50) for i in range(29)] if grouped else None
+    uninterrupted = iter(data.Sampler(29, 4, seed=7, lengths=lengths))
     expected = [next(uninterrupted) for _ in range(20)]
-    before = [data.Sampler(29, 4, seed=7, rank=r, world_size=2) for r in range(2)]
+    before = [data.Sampler(29, 4, seed=7, rank=r, world_size=2, lengths=lengths) for r in range(2)]
     its = [iter(s) for s in before]
     seen = [[i for it in its for i in next(it)] for _ in range(9)]
     state = json.loads(json.dumps(before[0].state_dict()))  # what a checkpoint stores
-    after = [data.Sampler(29, 4, seed=7, rank=r, world_size=new_world_size) for r in range(new_world_size)]
+    after = [data.Sampler(29, 4, seed=7, rank=r, world_size=new_world_size, lengths=lengths)
+             for r in range(new_world_size)]
     for s in after:
         s.load_state_dict(state)
     its = [iter(s) for s in after]
     seen += [[i for it in its for i in next(it)] for _ in range(11)]
     assert seen == expected
     with pytest.raises(ValueError, match="global_batch"):
-        data.Sampler(29, 8, seed=7).load_state_dict(state)
+        data.Sampler(29, 8, seed=7, lengths=lengths).load_state_dict(state)
+    with pytest.raises(ValueError, match="grouped"):   # grouping is part of the data order: it must match
+        data.Sampler(29, 4, seed=7, lengths=None if grouped else [1] * 29).load_state_dict(state)
 
 
 @pytest.mark.parametrize("n,batch", [(203, 8), (64, 16), (37, 4)])
@@ -492,26 +497,6 @@ def test_grouping_by_length_keeps_epochs_permutations_and_cuts_padding(monkeypat
     def padding(bs):
         return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
     assert padding(batches) < 0.6 * padding([next(plain) for _ in range(steps)])
-
-
-@pytest.mark.parametrize("new_world_size", [1, 4])
-def test_a_grouped_sampler_resumes_exactly_on_another_world_size(new_world_size):
-    lengths = [random.Random(f"29:{i}").randint(1, 50) for i in range(29)]
-    uninterrupted = iter(data.Sampler(29, 4, seed=7, lengths=lengths))
-    expected = [next(uninterrupted) for _ in range(20)]
-    before = [data.Sampler(29, 4, seed=7, rank=r, world_size=2, lengths=lengths) for r in range(2)]
-    its = [iter(s) for s in before]
-    seen = [[i for it in its for i in next(it)] for _ in range(9)]
-    state = json.loads(json.dumps(before[0].state_dict()))
-    after = [data.Sampler(29, 4, seed=7, rank=r, world_size=new_world_size, lengths=lengths)
-             for r in range(new_world_size)]
-    for s in after:
-        s.load_state_dict(state)
-    its = [iter(s) for s in after]
-    seen += [[i for it in its for i in next(it)] for _ in range(11)]
-    assert seen == expected
-    with pytest.raises(ValueError, match="grouped"):
-        data.Sampler(29, 4, seed=7).load_state_dict(state)
 
 
 def test_dpo_pairs_pair_correct_with_wrong_of_the_same_prompt_at_most_six():
