@@ -397,9 +397,11 @@ def main(argv=None):
     policy, reference, value = build_models(args, tokenizer, run.device)
     torch.manual_seed(args.seed + run.rank)  # from here on, each rank draws its own random numbers
     trained, reference = wrap_models(args, run, policy, reference, value)
-    lengths = [sum(len(e.ids) for e in (ex if args.loss == "dpo" else (ex,))) for ex in examples]
+    lengths = None
+    if args.group_by_length:   # a DPO example is a pair: its length is both sequences'
+        lengths = [sum(len(e.ids) for e in (ex if args.loss == "dpo" else (ex,))) for ex in examples]
     sampler = data.Sampler(len(examples), args.batch_size, args.seed, rank=run.rank, world_size=run.world_size,
-                           lengths=lengths if args.group_by_length else None)
+                           lengths=lengths)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
         raise data.UserError(f"{len(examples)} training examples, fewer than --batch-size {args.batch_size}")

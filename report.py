@@ -47,8 +47,8 @@ ROWS = [
     ("1 of {K} SFT samples chosen at random", "choice", "bestof{K}:random", "choice"),
     ("1 of {K} SFT samples: best possible", "choice", "bestof{K}:best_possible", "choice"),
 ]
-BEAM_FILE = {"oreo": "beam_oreo", "sft": "beam_sft", "oreo_search": "oreo_search"}   # whose problems a "(beam
-# problems)" row counts
+# whose problems a "(beam problems)" row counts (oreo_search's own file holds only those problems)
+BEAM_FILE = {"oreo": "beam_oreo", "sft": "beam_sft", "oreo_search": "oreo_search"}
 COLORS = {"baseline": "#9e9e9e", "oreo": "#1f77b4", "search": "#2ca02c", "choice": "#ff7f0e",
           "diagnostic": "#9467bd"}
 

@@ -152,9 +152,11 @@ stage_eval_oreo_step() { evaluate oreo_step --policy $OUT/oreo_step/policy --met
 beam() { echo "$1" | sed 's/^/beam/; s/,/,beam/g'; }   # "3,5" -> "beam3,beam5"
 stage_beam_oreo() { evaluate beam_oreo --policy $OUT/oreo/policy --value $OUT/oreo/value --methods $(beam $BEAMS) \
                         --limit $BEAM_PROBLEMS; }
-# OREO-token at the rate chosen for beam search: greedy and value beam on the same problems
-stage_beam_oreo_search() { evaluate oreo_search --policy $OUT/oreo_search/policy --value $OUT/oreo_search/value \
-                               --methods greedy,$(beam $BEAMS) --limit $BEAM_PROBLEMS; }
+# greedy and value beam of one OREO run on the same problems (eval_beam NAME RUN): OREO-token at the rate chosen
+# for beam search, and each round's OREO
+eval_beam() { evaluate $1 --policy $OUT/$2/policy --value $OUT/$2/value --methods greedy,$(beam $BEAMS) \
+                  --limit $BEAM_PROBLEMS; }
+stage_beam_oreo_search() { eval_beam oreo_search oreo_search; }
 stage_beam_sft() { evaluate beam_sft --policy $OUT/sft/policy --value $OUT/oreo/value --limit $BEAM_PROBLEMS \
                        --methods $(beam $SFT_BEAMS),$(beam $SFT_BEAMS | sed 's/beam/randbeam/g'); }
 # how well the value tells right from wrong: choose 1 of K SFT samples by the value, against chance and the best
@@ -171,8 +173,7 @@ stage_oreo_r() { python oreo.py --init $(prev oreo $1)/policy --init-value $(pre
                      --data $D/samples_oreo_r$1.jsonl "${TRAIN[@]}" --lr $LR_OREO --value-lr $VALUE_LR \
                      --out $OUT/oreo_r$1; }
 stage_eval_r() { evaluate $1_r$2 --policy $OUT/$1_r$2/policy --methods greedy; }     # stage_eval_r METHOD ROUND
-stage_beam_r() { evaluate beam_oreo_r$1 --policy $OUT/oreo_r$1/policy --value $OUT/oreo_r$1/value \
-                     --methods greedy,$(beam $BEAMS) --limit $BEAM_PROBLEMS; }          # stage_beam_r ROUND
+stage_beam_r() { eval_beam beam_oreo_r$1 oreo_r$1; }                                   # stage_beam_r ROUND
 # sweep: one run per (method, learning rate), greedy accuracy on the validation problems
 stage_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
     case $method in rs|dpo|kto) flags+=(--loss $method) ;; oreo) flags+=(--value-lr $VALUE_LR) ;;
