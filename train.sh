@@ -261,14 +261,12 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
     stage_agent_init() { python agent.py init "${ENVARGS[@]}" $A_MODEL --max-len $A_MAX_LEN --out $OUT/init; }
     stage_agent_demos() { python agent.py demos "${ENVARGS[@]}" --tasks $A_TRAIN --per-task $A_DEMOS \
                               --out $D/demos.jsonl; }
-    # SFT alone has the machine: torchrun's A_SFT_PROCS processes of one thread each (DDP; 2 on 2 cores: 16.5k vs
-    # 8.1k tokens/s for one process, the same loss to 4 digits)
+    # SFT alone has the machine: torchrun's A_SFT_PROCS processes of one thread each (DDP; 2 on 2 cores: 1.9-2.0× the
+    # tokens/s of one process, the same loss to 4 digits; README, "Time of one seed")
     stage_agent_sft() { torchrun --standalone --nproc_per_node $A_SFT_PROCS oreo.py --loss sft --init $OUT/init \
-                            --data $D/demos.jsonl \
-                            --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR --batch-size $A_SFT_BATCH \
-                            --micro-batch-size $((A_SFT_BATCH / A_SFT_PROCS)) --group-by-length --seed $SEED \
-                            --save-every 100 --resume \
-                            --out $OUT/sft; }
+                            --data $D/demos.jsonl --max-len $A_MAX_LEN --epochs $A_SFT_EPOCHS --lr $A_SFT_LR \
+                            --batch-size $A_SFT_BATCH --micro-batch-size $((A_SFT_BATCH / A_SFT_PROCS)) \
+                            --group-by-length --seed $SEED --save-every 100 --resume --out $OUT/sft; }
     stage_agent_collect() { python agent.py collect "${ENVARGS[@]}" --policy $OUT/sft/policy -k $A_K --tasks $A_TRAIN \
                                 --out $D/episodes.jsonl; }
     a_train() { local name=$1; shift; python oreo.py --init $OUT/sft/policy --data $D/episodes.jsonl \
