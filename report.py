@@ -225,7 +225,9 @@ AGENT_ROWS = [("SFT", "sft", "greedy", "baseline"), ("RS", "rs", "greedy", "base
               ("OREO-token, sampling (T 1)", "oreo", "sample", "search"),
               ("OREO-token + best-of-{K}", "oreo", "bestof{K}", "search"),
               ("OREO-step, sampling (T 1)", "oreo_step", "sample", "search"),
-              ("OREO-step + best-of-{K}", "oreo_step", "bestof{K}", "search")]
+              ("OREO-step + best-of-{K}", "oreo_step", "bestof{K}", "search"),
+              ("OREO-token, sampling (T 0.5)", "oreo_t05", "sample", "search"),
+              ("OREO-token + best-of-{K} (T 0.5)", "oreo_t05", "bestof{K}", "search")]
 
 
 def read_agent_run(out):

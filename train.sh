@@ -283,6 +283,10 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
     # best-of-K picks among K actions sampled at --temperature: "sample" (one such action per turn) is its control
     stage_agent_eval_oreo() { a_eval oreo --value $OUT/oreo/value --methods greedy,sample,bestof$A_BEST_OF; }
     stage_agent_eval_oreo_step() { a_eval oreo_step --value $OUT/oreo_step/value --methods greedy,sample,bestof$A_BEST_OF; }
+    # the same at T 0.5, chosen on val (seed 0: best-of-3 0.279 against 0.193 at T 1 and greedy 0.257; README)
+    stage_agent_eval_oreo_t05() { python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL --policy $OUT/oreo/policy \
+                                      --value $OUT/oreo/value --methods sample,bestof$A_BEST_OF --temperature 0.5 \
+                                      --out $OUT/eval/oreo_t05.json; }
     # agent-sweep: one run per (method, learning rate), greedy success on the val split (the test splits choose
     # nothing); OREO's value lr stays A_VALUE_LR
     stage_agent_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
@@ -308,6 +312,7 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
         job agent_$name agent_collect
         job agent_eval_$name agent_$name
     done
+    job agent_eval_oreo_t05 agent_oreo
     echo "== train.sh agent: seed $SEED, $PARALLEL stages at a time, output in $OUT"
     run_all
     python report.py agent $OUT

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import xml.etree.ElementTree as ET
 
@@ -156,6 +157,33 @@ def test_sweep_report_takes_each_methods_best_rate_and_oreos_beam_search_as_rows
     # a tie (OREO 0.55 at 1e-3 and 3e-3) goes to the smaller rate
     assert result["best_lr"] == {"rs": "1e-4", "oreo": "1e-3", "oreo+beam2": "1e-3", "oreo+beam3": "1e-4"}
     assert result["validation_accuracy"]["oreo+beam3"] == {"1e-4": 0.7, "1e-3": 0.6}
+
+
+def test_agent_report_rows_come_from_each_eval_file_and_average_over_seeds(tmp_path):
+    # hand-written agent.py eval summaries of 2 seeds: file -> split -> method -> success
+    seeds = [{"sft": {"seen": {"greedy": 0.25}, "unseen": {"greedy": 0.5}},
+              "oreo": {"seen": {"greedy": 0.5, "sample": 0.125, "bestof3": 0.375}, "unseen": {"greedy": 0.25}},
+              "oreo_t05": {"seen": {"sample": 0.625, "bestof3": 0.75}}},
+             {"sft": {"seen": {"greedy": 0.75}, "unseen": {"greedy": 0.5}},
+              "oreo": {"seen": {"greedy": 0.5, "sample": 0.375, "bestof3": 0.125}, "unseen": {"greedy": 0.75}},
+              "oreo_t05": {"seen": {"sample": 0.375, "bestof3": 0.25}}}]
+    runs = []
+    for i, files in enumerate(seeds):
+        (tmp_path / f"s{i}" / "eval").mkdir(parents=True)
+        for name, splits in files.items():
+            summary = {split: {m: {"success": x, "steps": 9, "episodes": 8, "seconds": 1} for m, x in methods.items()}
+                       for split, methods in splits.items()}
+            (tmp_path / f"s{i}" / "eval" / f"{name}.json").write_text(json.dumps({"summary": summary}))
+        runs.append(str(tmp_path / f"s{i}"))
+    report.main(["agent", *runs, "--out", str(tmp_path / "summary")])
+    table = json.loads((tmp_path / "summary" / "results.json").read_text())["table"]
+    assert list(table) == ["seen: SFT", "seen: OREO-token", "seen: OREO-token, sampling (T 1)",
+                           "seen: OREO-token + best-of-3", "seen: OREO-token, sampling (T 0.5)",
+                           "seen: OREO-token + best-of-3 (T 0.5)", "unseen: SFT", "unseen: OREO-token"]
+    assert table["seen: OREO-token + best-of-3 (T 0.5)"]["seeds"] == [0.75, 0.25]
+    assert table["seen: OREO-token + best-of-3 (T 0.5)"]["mean"] == pytest.approx(0.5)
+    assert table["seen: SFT"]["std"] == pytest.approx(statistics.stdev([0.25, 0.75]))
+    assert table["unseen: OREO-token"]["problems"] == 8
 
 
 # ---- the whole pipeline at tiny size -----------------------------------------------------------------------
