@@ -275,8 +275,9 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
     stage_agent_dpo() { a_train dpo --loss dpo --lr $A_LR_DPO; }
     stage_agent_oreo() { a_train oreo --lr $A_LR_OREO --value-lr $A_VALUE_LR; }
     stage_agent_oreo_step() { a_train oreo_step --variant step --lr $A_LR_OREO_STEP --value-lr $A_VALUE_LR; }
-    a_eval() { local name=$1; shift; python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL --policy $OUT/$name/policy \
-                   --out $OUT/eval/$name.json "$@"; }
+    # a_eval NAME[:FILE]: NAME's policy, its results in eval/FILE.json (default eval/NAME.json)
+    a_eval() { local name=${1%%:*} file=${1##*:}; shift; python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL \
+                   --policy $OUT/$name/policy --out $OUT/eval/$file.json "$@"; }
     stage_agent_eval_sft() { a_eval sft --methods greedy; }
     stage_agent_eval_rs() { a_eval rs --methods greedy; }
     stage_agent_eval_dpo() { a_eval dpo --methods greedy; }
@@ -284,9 +285,8 @@ if [ "$MODE" = agent ] || [ "$MODE" = agent-sweep ]; then
     stage_agent_eval_oreo() { a_eval oreo --value $OUT/oreo/value --methods greedy,sample,bestof$A_BEST_OF; }
     stage_agent_eval_oreo_step() { a_eval oreo_step --value $OUT/oreo_step/value --methods greedy,sample,bestof$A_BEST_OF; }
     # the same at T 0.5, chosen on val (seed 0: best-of-3 0.279 against 0.193 at T 1 and greedy 0.257; README)
-    stage_agent_eval_oreo_t05() { python agent.py eval "${ENVARGS[@]}" --tasks $A_EVAL --policy $OUT/oreo/policy \
-                                      --value $OUT/oreo/value --methods sample,bestof$A_BEST_OF --temperature 0.5 \
-                                      --out $OUT/eval/oreo_t05.json; }
+    stage_agent_eval_oreo_t05() { a_eval oreo:oreo_t05 --value $OUT/oreo/value \
+                                      --methods sample,bestof$A_BEST_OF --temperature 0.5; }
     # agent-sweep: one run per (method, learning rate), greedy success on the val split (the test splits choose
     # nothing); OREO's value lr stays A_VALUE_LR
     stage_agent_sweep() { local method=$1 lr=$2 flags=(--lr $2) name=sweep/$1-lr$2
