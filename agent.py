@@ -4,6 +4,7 @@ training task, and evaluation with greedy or value-guided best-of-K action selec
     python agent.py demos --out demos.jsonl --n 240                    # the demonstrator's transcripts (SFT data)
     python agent.py collect --policy sft/policy --out episodes.jsonl -k 4
     python agent.py eval --policy oreo/policy --value oreo/value --methods greedy,bestof3 --out eval.json
+    python agent.py diagnose --eval eval.json --value oreo/value       # failing actions by verb; V's AUC
 
 A transcript is a `{messages, reward}` row that oreo.py trains on: the first user turn holds the first observation
 and the task, each assistant turn is one action, each later user turn the environment's answer (masked). The
@@ -35,7 +36,7 @@ import data
 import household
 import loading
 import search
-from model import Cache, Config, Transformer
+from model import Cache, Config, Transformer, ValueModel
 from tokenizer import GPT2_PATTERN
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,7 +200,97 @@ def run_episodes(policy, tokenizer, make_env, tasks, samples=1, seed=0, batch_si
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line: demos, collect, eval
+# Diagnostics of evaluated transcripts: which actions fail, and what the value reads at each turn's end
+
+
+def auc(positives, negatives):
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic); None unless both
+    are given. Average ranks over the pooled scores: O(n log n)."""
+    if not positives or not negatives:
+        return None
+    pooled = sorted([(x, 1) for x in positives] + [(x, 0) for x in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(pooled):
+        j = i
+        while j < len(pooled) and pooled[j][0] == pooled[i][0]:
+            j += 1
+        rank_sum += (i + j + 1) / 2 * sum(label for _, label in pooled[i:j])   # ranks i+1..j, averaged
+        i = j
+    n, m = len(positives), len(negatives)
+    return (rank_sum - n * (n + 1) / 2) / (n * m)
+
+
+@torch.no_grad()
+def turn_end_values(value_model, tokenizer, messages):
+    """V at each assistant turn's last token (the state whose action is the token that ends the turn, where
+    best-of-K reads it), from one full forward of the transcript as training encodes it."""
+    ex = data.encode_trajectory(tokenizer, {"messages": messages, "reward": 0.0}, max_len=10**9)
+    ends = [j for j, (a, b) in enumerate(zip(ex.mask, ex.mask[1:] + [0])) if a and not b]
+    return value_model(torch.tensor([ex.ids]))[0, ends].tolist()
+
+
+def diagnose_rows(rows, invalid, values=None):
+    """Per-method statistics of evaluated episodes: the share of actions answered `invalid`, per first word of the
+    action; with values (V at each turn's end, per row): mean V, and V's AUC for the episode's success and for the
+    action being answered otherwise than `invalid`."""
+    verbs, at_success, at_failure, at_valid, at_invalid = {}, [], [], [], []
+    for n, r in enumerate(rows):
+        turns = [(m["content"], r["messages"][i + 1]["content"] if i + 1 < len(r["messages"]) else None)
+                 for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+        for t, (action, answer) in enumerate(turns):
+            verb = verbs.setdefault((action.split() or [""])[0], [0, 0])
+            verb[0] += 1
+            verb[1] += answer == invalid
+            if values is not None:
+                (at_success if r["reward"] > 0 else at_failure).append(values[n][t])
+                if answer is not None:
+                    (at_invalid if answer == invalid else at_valid).append(values[n][t])
+    actions = sum(c for c, _ in verbs.values())
+    out = {"episodes": len(rows), "success": sum(r["reward"] for r in rows) / max(len(rows), 1),
+           "actions": actions, "invalid": sum(b for _, b in verbs.values()) / max(actions, 1),
+           "by_verb": {v: {"share": c / actions, "invalid": b / c}
+                       for v, (c, b) in sorted(verbs.items(), key=lambda kv: -kv[1][0])}}
+    if values is not None:
+        every = at_success + at_failure
+        out.update(mean_value=sum(every) / max(len(every), 1), auc_success=auc(at_success, at_failure),
+                   auc_valid=auc(at_valid, at_invalid))
+    return out
+
+
+def diagnose(args):
+    """agent.py eval's transcripts: per split and method, how often and with which verbs actions fail, and (with
+    --value) how well V at each turn's end tells successful episodes and valid actions apart."""
+    try:
+        report = json.loads(Path(args.eval).read_text())
+        per_task = report["per_task"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.UserError(f"--eval {args.eval}: not an agent.py eval output ({e})") from None
+    value_model = tokenizer = None
+    if args.value:
+        loading.need_folder(args.value, "--value")
+        with data.as_user_error():
+            value_model = ValueModel.from_pretrained(args.value).eval()
+            tokenizer = data.Tokenizer.from_pretrained(args.value)
+    result = {"eval": args.eval, "value": args.value, "invalid_answer": args.invalid, "splits": {}}
+    for split, methods in per_task.items():
+        for method, rows in methods.items():
+            values = [turn_end_values(value_model, tokenizer, r["messages"]) for r in rows] if value_model else None
+            d = result["splits"].setdefault(split, {})[method] = diagnose_rows(rows, args.invalid, values)
+            top = ", ".join(f"{v} {s['share']:.2f} ({s['invalid']:.2f})" for v, s in list(d["by_verb"].items())[:6])
+            line = (f"agent diagnose: {split:>7} {method:>8} success {d['success']:.3f} | {d['actions']} actions, "
+                    f"{d['invalid']:.3f} answered {args.invalid!r}; by verb, share (invalid): {top}")
+            if value_model:
+                line += (f" | mean V {d['mean_value']:.3f}, AUC for success {d['auc_success']:.3f}, for a valid "
+                         f"action {d['auc_valid']:.3f}")
+            print(line, flush=True)
+    if args.out:
+        data.write_text(args.out, json.dumps(result, indent=1))
+        print(f"agent diagnose: results in {args.out}", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: demos, collect, eval, diagnose
 
 
 def env_factory(spec, split, seed, max_steps):
@@ -403,12 +494,18 @@ def build_parser():
     p.add_argument("--methods", default="greedy,bestof3", help="comma-separated: greedy, sample, bestofK")
     p.add_argument("--splits", default="seen,unseen", help="comma-separated splits")
     p.add_argument("--tasks", type=int, default=0, help="tasks per split (0: all)")
+    p = sub.add_parser("diagnose", help="eval's transcripts: failing actions by verb; V's AUC at turn ends")
+    p.add_argument("--eval", required=True, help="an agent.py eval output (JSON)")
+    p.add_argument("--value", help="value model folder: also V at each turn's end (mean, AUCs)")
+    p.add_argument("--invalid", default=household.NOTHING, help="the answer to an action that cannot apply")
+    p.add_argument("--out", help="output file (JSON)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return {"init": init, "demos": demos, "collect": collect, "eval": evaluate}[args.command](args)
+    return {"init": init, "demos": demos, "collect": collect, "eval": evaluate,
+            "diagnose": diagnose}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -258,3 +258,56 @@ def test_eval_reports_success_and_steps_per_split_and_method(policy_dirs):
         agent.main(["eval", "--policy", str(policy), "--methods", "greedy", "--splits", "seen,foo",
                     "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+# ---- diagnose: failing actions by verb, V at each turn's end ------------------------------------------------
+
+def test_auc_equals_the_pairwise_count_with_ties_half():
+    rng = random.Random(0)
+    for n, m in [(1, 1), (3, 7), (20, 13)]:
+        pos, neg = [rng.randint(0, 5) for _ in range(n)], [rng.randint(0, 5) for _ in range(m)]
+        pairs = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (n * m)
+        assert agent.auc(pos, neg) == pytest.approx(pairs, abs=1e-12)
+    assert agent.auc([1.0], []) is None and agent.auc([], [0.0]) is None
+
+
+def test_turn_end_values_of_a_transcript_equal_a_full_recompute_at_each_actions_last_token():
+    # where best-of-K reads V while acting (test_best_of_k_reads_the_value_at_the_actions_last_token...): the
+    # prefix up to the turn's open header plus the action's ids, recomputed here one prefix at a time
+    policy, value = tiny_model(max_seq_len=1024), tiny_value()
+    episodes = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=4), HouseholdEnv("train", 0).tasks(n=2),
+                                  temperature=1.0, max_action_tokens=12, seed=5)
+    for ep in episodes:
+        got = agent.turn_end_values(value, TOKENIZER, ep["messages"])
+        turns = [i for i, m in enumerate(ep["messages"]) if m["role"] == "assistant"]
+        assert len(got) == len(turns) == 4
+        for n, i in enumerate(turns):
+            seq = agent.render(TOKENIZER, ep["messages"][:i]) + TOKENIZER.encode(ep["messages"][i]["content"])
+            assert got[n] == pytest.approx(search.last_token_values(value, [seq])[0], abs=1e-6)
+
+
+def test_diagnose_counts_failing_actions_by_verb_and_the_values_auc(tmp_path):
+    def episode(reward, *turns):
+        messages = [{"role": "user", "content": "task"}]
+        for action, answer in turns:
+            messages += [{"role": "assistant", "content": action}, {"role": "user", "content": answer}]
+        return {"id": "t", "messages": messages, "reward": reward}
+    rows = [episode(1.0, ("go to desk 1", "On the desk 1, you see a mug 1."), ("take mug 1 from desk 1", "ok")),
+            episode(0.0, ("put mug 1 in/on shelf 1", NOTHING), ("go to shelf 1", "ok"), ("look", NOTHING))]
+    d = agent.diagnose_rows(rows, NOTHING, values=[[0.9, 0.8], [0.1, 0.85, 0.8]])
+    assert (d["episodes"], d["success"], d["actions"], d["invalid"]) == (2, 0.5, 5, 2 / 5)
+    assert d["by_verb"] == {"go": {"share": 0.4, "invalid": 0.0}, "take": {"share": 0.2, "invalid": 0.0},
+                            "put": {"share": 0.2, "invalid": 1.0}, "look": {"share": 0.2, "invalid": 1.0}}
+    assert d["mean_value"] == pytest.approx(3.45 / 5)
+    # success 0.9, 0.8 against failure 0.1, 0.85, 0.8: 3 + (1 + 0.5 for the tie) of 6 pairs
+    assert d["auc_success"] == pytest.approx(4.5 / 6)
+    # valid 0.9, 0.8, 0.85 against the two answered NOTHING, 0.1 and 0.8: 2 + 1.5 + 2 of 6 pairs
+    assert d["auc_valid"] == pytest.approx(5.5 / 6)
+    assert "mean_value" not in agent.diagnose_rows(rows, NOTHING)
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"summary": {}, "per_task": {"seen": {"greedy": rows}}}))
+    out = tmp_path / "diagnose.json"
+    result = agent.main(["diagnose", "--eval", str(ev), "--out", str(out)])
+    assert json.loads(out.read_text()) == result and result["splits"]["seen"]["greedy"]["invalid"] == 2 / 5
+    with pytest.raises(data.UserError, match=f"--eval {out}: not an agent.py eval output"):
+        agent.main(["diagnose", "--eval", str(out)])
