@@ -220,13 +220,16 @@ def auc(positives, negatives):
     return (rank_sum - n * (n + 1) / 2) / (n * m)
 
 
-@torch.no_grad()
-def turn_end_values(value_model, tokenizer, messages):
+def turn_end_values(value_model, tokenizer, transcripts, batch_size=32):
     """V at each assistant turn's last token (the state whose action is the token that ends the turn, where
-    best-of-K reads it), from one full forward of the transcript as training encodes it."""
-    ex = data.encode_trajectory(tokenizer, {"messages": messages, "reward": 0.0}, max_len=10**9)
-    ends = [j for j, (a, b) in enumerate(zip(ex.mask, ex.mask[1:] + [0])) if a and not b]
-    return value_model(torch.tensor([ex.ids]))[0, ends].tolist()
+    best-of-K reads it), per transcript (a messages list), from full forwards of the transcripts as training
+    encodes them."""
+    seqs, ends = [], []
+    for messages in transcripts:
+        ex = data.encode_trajectory(tokenizer, {"messages": messages, "reward": 0.0}, max_len=10**9)
+        seqs.append(ex.ids)
+        ends.append([j for j, (a, b) in enumerate(zip(ex.mask, ex.mask[1:] + [0])) if a and not b])
+    return search.values_at(value_model, seqs, ends, batch_size)
 
 
 def diagnose_rows(rows, invalid, values=None):
@@ -274,7 +277,7 @@ def diagnose(args):
     result = {"eval": args.eval, "value": args.value, "invalid_answer": args.invalid, "splits": {}}
     for split, methods in per_task.items():
         for method, rows in methods.items():
-            values = [turn_end_values(value_model, tokenizer, r["messages"]) for r in rows] if value_model else None
+            values = turn_end_values(value_model, tokenizer, [r["messages"] for r in rows]) if value_model else None
             d = result["splits"].setdefault(split, {})[method] = diagnose_rows(rows, args.invalid, values)
             top = ", ".join(f"{v} {s['share']:.2f} ({s['invalid']:.2f})" for v, s in list(d["by_verb"].items())[:6])
             line = (f"agent diagnose: {split:>7} {method:>8} success {d['success']:.3f} | {d['actions']} actions, "

@@ -80,18 +80,6 @@ def state_positions(tokenizer, n_prompt, tokens):
     return positions + [n_prompt + len(body) - 1]
 
 
-@torch.no_grad()
-def values_at(value_model, seqs, positions, pad_id, batch_size):
-    """V at the given positions of each token sequence (right padding leaves earlier positions unchanged)."""
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        T = max(len(s) for s in chunk)
-        values = value_model(torch.tensor([s + [pad_id] * (T - len(s)) for s in chunk]))   # (B, T)
-        out += [values[b, pos].tolist() for b, pos in enumerate(positions[i:i + batch_size])]
-    return out
-
-
 def credit(value_paths, checks, rewards, n_paths):
     """Changes of V across the wrong step and across the right steps of the samples with exactly one wrong step;
     the share of them whose wrong step is V's largest drop; the first n_paths of them for the plot."""
@@ -142,7 +130,7 @@ def diagnose(args):
     if value_folder.is_dir():
         value_model = loading.load_value(value_folder, policy, tokenizer, args.policy or out / "sft" / "policy",
                                          "cpu", torch.float32)
-        value_paths = values_at(value_model, seqs, positions, tokenizer.pad_id, args.batch_size)
+        value_paths = search.values_at(value_model, seqs, positions, args.batch_size)
         checks = [data.builtin_check_steps(question(r), r["response"]) for r in rows]
         c = result["credit"] = credit(value_paths, checks, [r["reward"] for r in rows], args.paths)
         c.update(value=str(value_folder), problems=len(problems), k=args.k)

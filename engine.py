@@ -232,20 +232,27 @@ def sample_batched(model, tokenizer, prompts, max_new_tokens, batch_size, n_samp
 
 
 @torch.no_grad()
-def last_token_values(value_model, seqs, batch_size=64):
-    """V(s) at the last token of each sequence (list[list[int]]) -> list[float]; batches of similar lengths. The
-    full-recompute reference of the cached values below."""
+def values_at(value_model, seqs, positions, batch_size=64):
+    """V(s) at the given positions of each sequence (seqs list[list[int]], positions list[list[int]]) ->
+    list[list[float]]; batches of similar lengths, right padded (no position sees the padding after it)."""
     device = value_model.head.weight.device
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    values = [0.0] * len(seqs)
+    values = [[] for _ in seqs]
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        input_ids = right_padded([seqs[j] for j in idx], device)                                   # (B, T)
-        last = torch.tensor([len(seqs[j]) - 1 for j in idx], device=device)
-        v = value_model(input_ids)[torch.arange(len(idx), device=device), last]    # right padding needs no mask
-        for j, x in zip(idx, v.tolist()):
-            values[j] = x
+        v = value_model(right_padded([seqs[j] for j in idx], device))                             # (B, T)
+        rows = torch.tensor([b for b, j in enumerate(idx) for _ in positions[j]], device=device)
+        cols = torch.tensor([p for j in idx for p in positions[j]], device=device)
+        flat = v[rows, cols].tolist()                                                            # one gather
+        for j in idx:
+            values[j], flat = flat[:len(positions[j])], flat[len(positions[j]):]
     return values
+
+
+def last_token_values(value_model, seqs, batch_size=64):
+    """V(s) at the last token of each sequence (list[list[int]]) -> list[float]. The full-recompute reference of
+    the cached values below."""
+    return [v for v, in values_at(value_model, seqs, [[len(s) - 1] for s in seqs], batch_size)]
 
 
 def _extend_rows(model, cache, new_tokens):

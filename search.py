@@ -22,8 +22,8 @@ import torch.distributed as dist
 import data
 from engine import (CachedBeams, cached_values, end_state, end_state_values, generate_with_finish,
                     last_token_values, sample_batched)
-# re-exported, so that callers (agent.py, tests, users) find the whole engine as search.X
-from engine import generate, generate_naive, sample_next  # noqa: F401
+# re-exported, so that callers (agent.py, diagnose.py, tests, users) find the whole engine as search.X
+from engine import generate, generate_naive, sample_next, values_at  # noqa: F401
 from loading import compile_decode, encode_prompts, load_policy, load_value, read_problems, response_text
 from model import ValueModel
 

@@ -277,8 +277,7 @@ def test_turn_end_values_of_a_transcript_equal_a_full_recompute_at_each_actions_
     policy, value = tiny_model(max_seq_len=1024), tiny_value()
     episodes = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=4), HouseholdEnv("train", 0).tasks(n=2),
                                   temperature=1.0, max_action_tokens=12, seed=5)
-    for ep in episodes:
-        got = agent.turn_end_values(value, TOKENIZER, ep["messages"])
+    for ep, got in zip(episodes, agent.turn_end_values(value, TOKENIZER, [ep["messages"] for ep in episodes])):
         turns = [i for i, m in enumerate(ep["messages"]) if m["role"] == "assistant"]
         assert len(got) == len(turns) == 4
         for n, i in enumerate(turns):
