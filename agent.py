@@ -4,7 +4,7 @@ training task, and evaluation with greedy or value-guided best-of-K action selec
     python agent.py demos --out demos.jsonl --n 240                    # the demonstrator's transcripts (SFT data)
     python agent.py collect --policy sft/policy --out episodes.jsonl -k 4
     python agent.py eval --policy oreo/policy --value oreo/value --methods greedy,bestof3 --out eval.json
-    python agent.py diagnose --eval eval.json --value oreo/value       # failing actions by verb; V's AUC
+    python agent.py diagnose --eval eval.json --value oreo/value       # failing actions; V's AUCs, within turns
 
 A transcript is a `{messages, reward}` row that oreo.py trains on: the first user turn holds the first observation
 and the task, each assistant turn is one action, each later user turn the environment's answer (masked). The
@@ -14,9 +14,10 @@ returns an object with `tasks(split, n)` (JSON task specs, each with a unique "i
 
 The engine: every live episode (times K candidates) is one row of a KV cache, fed through the models' extend. While
 sampling, the rows move in lockstep, one token per row per model call (a row whose action has ended waits); then
-each episode's observation goes into its rows in one call. Each turn the rows sample an action up to EOS (<|im_end|> for ChatML) or a newline; with K > 1 the value model, fed the same tokens, scores
-each candidate at its last token (the state whose action ends the turn) and the best one is kept. Each row samples
-from its own generator, seeded by (seed, task id, sample), so batching never changes what an episode draws.
+each episode's observation goes into its rows in one call. Each turn the rows sample an action up to EOS
+(<|im_end|> for ChatML) or a newline; with K > 1 the value model, fed the same tokens, scores each candidate at its
+last token (the state whose action ends the turn) and the best one is kept. Each row samples from its own
+generator, seeded by (seed, task id, sample), so batching never changes what an episode draws.
 """
 import argparse
 import datetime
@@ -33,6 +34,7 @@ import regex
 import torch.distributed as dist
 
 import data
+import diagnose
 import household
 import loading
 import search
@@ -102,9 +104,10 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
     """Run one episode per (env, task) together; seeds[i] seeds episode i's generators. With k > 1 each turn
     samples k candidate actions and keeps the one the value model rates highest (the first on ties); k = 1 at
     temperature 0 is greedy. Returns per episode {"messages", "reward" (the sum of the step rewards), "steps",
-    "values" (the chosen candidate's per turn, k > 1), "action_tokens" (the sampled ids of each chosen action;
-    its text may encode back to other ids), "end"}; end is "done" (the environment ended it), "turns"
-    (max_turns) or "context" (the next turn would not fit the model's max_seq_len)."""
+    "values" (the chosen candidate's per turn, k > 1), "candidates" (per turn, each candidate's [text, value],
+    k > 1), "action_tokens" (the sampled ids of each chosen action; its text may encode back to other ids),
+    "end"}; end is "done" (the environment ended it), "turns" (max_turns) or "context" (the next turn would not
+    fit the model's max_seq_len)."""
     E, limit = len(tasks), policy.config.max_seq_len
     messages = [[{"role": "user", "content": env.reset(task)}] for env, task in zip(envs, tasks)]
     ids = [render(tokenizer, m) for m in messages]          # each episode's transcript, up to its open turn
@@ -118,7 +121,8 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
     models = [policy] + ([value_model.backbone] if k > 1 else [])
     rows = [Rows(m, [ids[r // k] for r in range(E * k)]) for m in models]   # row r: candidate r % k of r // k
     ends = set(tokenizer.stop_ids) | ({tokenizer.special_tokens["<|im_end|>"]} if tokenizer.chatml else set())
-    episodes = [{"messages": m, "reward": 0.0, "steps": 0, "values": [], "action_tokens": [], "end": None}
+    episodes = [{"messages": m, "reward": 0.0, "steps": 0, "values": [], "candidates": [], "action_tokens": [],
+                 "end": None}
                 for m in messages]
     for _ in range(max_turns):
         live = [e for e in range(E) if episodes[e]["end"] is None]
@@ -154,6 +158,7 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
                 v = torch.nn.functional.linear(h, value_model.head.weight.float())[:, 0].tolist()
                 best = e * k + max(range(k), key=lambda j: v[j])
                 episodes[e]["values"].append(v[best - e * k])
+                episodes[e]["candidates"].append([[tokenizer.decode(actions[e * k + j]), v[j]] for j in range(k)])
             text = tokenizer.decode(actions[best])
             observation, reward, done = envs[e].step(text)
             ep = episodes[e]
@@ -200,69 +205,14 @@ def run_episodes(policy, tokenizer, make_env, tasks, samples=1, seed=0, batch_si
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Diagnostics of evaluated transcripts: which actions fail, and what the value reads at each turn's end
+# Diagnostics of evaluated transcripts (diagnose.py computes them)
 
 
-def auc(positives, negatives):
-    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic); None unless both
-    are given. Average ranks over the pooled scores: O(n log n)."""
-    if not positives or not negatives:
-        return None
-    pooled = sorted([(x, 1) for x in positives] + [(x, 0) for x in negatives])
-    rank_sum, i = 0.0, 0
-    while i < len(pooled):
-        j = i
-        while j < len(pooled) and pooled[j][0] == pooled[i][0]:
-            j += 1
-        rank_sum += (i + j + 1) / 2 * sum(label for _, label in pooled[i:j])   # ranks i+1..j, averaged
-        i = j
-    n, m = len(positives), len(negatives)
-    return (rank_sum - n * (n + 1) / 2) / (n * m)
-
-
-def turn_end_values(value_model, tokenizer, transcripts, batch_size=32):
-    """V at each assistant turn's last token (the state whose action is the token that ends the turn, where
-    best-of-K reads it), per transcript (a messages list), from full forwards of the transcripts as training
-    encodes them."""
-    seqs, ends = [], []
-    for messages in transcripts:
-        ex = data.encode_trajectory(tokenizer, {"messages": messages, "reward": 0.0}, max_len=10**9)
-        seqs.append(ex.ids)
-        ends.append([j for j, (a, b) in enumerate(zip(ex.mask, ex.mask[1:] + [0])) if a and not b])
-    return search.values_at(value_model, seqs, ends, batch_size)
-
-
-def diagnose_rows(rows, invalid, values=None):
-    """Per-method statistics of evaluated episodes: the share of actions answered `invalid`, per first word of the
-    action; with values (V at each turn's end, per row): mean V, and V's AUC for the episode's success and for the
-    action being answered otherwise than `invalid`."""
-    verbs, at_success, at_failure, at_valid, at_invalid = {}, [], [], [], []
-    for n, r in enumerate(rows):
-        turns = [(m["content"], r["messages"][i + 1]["content"] if i + 1 < len(r["messages"]) else None)
-                 for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
-        for t, (action, answer) in enumerate(turns):
-            verb = verbs.setdefault((action.split() or [""])[0], [0, 0])
-            verb[0] += 1
-            verb[1] += answer == invalid
-            if values is not None:
-                (at_success if r["reward"] > 0 else at_failure).append(values[n][t])
-                if answer is not None:
-                    (at_invalid if answer == invalid else at_valid).append(values[n][t])
-    actions = sum(c for c, _ in verbs.values())
-    out = {"episodes": len(rows), "success": sum(r["reward"] for r in rows) / max(len(rows), 1),
-           "actions": actions, "invalid": sum(b for _, b in verbs.values()) / max(actions, 1),
-           "by_verb": {v: {"share": c / actions, "invalid": b / c}
-                       for v, (c, b) in sorted(verbs.items(), key=lambda kv: -kv[1][0])}}
-    if values is not None:
-        every = at_success + at_failure
-        out.update(mean_value=sum(every) / max(len(every), 1), auc_success=auc(at_success, at_failure),
-                   auc_valid=auc(at_valid, at_invalid))
-    return out
-
-
-def diagnose(args):
-    """agent.py eval's transcripts: per split and method, how often and with which verbs actions fail, and (with
-    --value) how well V at each turn's end tells successful episodes and valid actions apart."""
+def diagnose_eval(args):
+    """agent.py eval's transcripts: per split and method, how often and with which verbs actions fail, (with
+    --value) how well V at each turn's end tells successful episodes and valid actions apart, and for best-of-K
+    how well it tells a turn's valid candidates from its invalid ones (each candidate stepped in a replayed copy of
+    the eval's environment)."""
     try:
         report = json.loads(Path(args.eval).read_text())
         per_task = report["per_task"]
@@ -277,14 +227,29 @@ def diagnose(args):
     result = {"eval": args.eval, "value": args.value, "invalid_answer": args.invalid, "splits": {}}
     for split, methods in per_task.items():
         for method, rows in methods.items():
-            values = turn_end_values(value_model, tokenizer, [r["messages"] for r in rows]) if value_model else None
-            d = result["splits"].setdefault(split, {})[method] = diagnose_rows(rows, args.invalid, values)
+            values = None
+            if value_model:
+                values = diagnose.turn_end_values(value_model, tokenizer, [r["messages"] for r in rows])
+            validity = None
+            if rows and "candidates" in rows[0] and "env" in report:
+                make_env = env_factory(report["env"], split, report["seed"], report["max_steps"])
+                tasks = {t["id"]: t for t in make_env().tasks(split, report.get("tasks") or None)}
+                if any(r["id"] not in tasks for r in rows):
+                    raise data.UserError(f"--eval {args.eval}: {split} has tasks that --env {report['env']} "
+                                         f"(seed {report['seed']}) does not list")
+                validity = [diagnose.candidate_validity(make_env, tasks[r["id"]], r, args.invalid) for r in rows]
+            d = diagnose.agent_stats(rows, args.invalid, values, validity)
+            result["splits"].setdefault(split, {})[method] = d
             top = ", ".join(f"{v} {s['share']:.2f} ({s['invalid']:.2f})" for v, s in list(d["by_verb"].items())[:6])
             line = (f"agent diagnose: {split:>7} {method:>8} success {d['success']:.3f} | {d['actions']} actions, "
                     f"{d['invalid']:.3f} answered {args.invalid!r}; by verb, share (invalid): {top}")
             if value_model:
                 line += (f" | mean V {d['mean_value']:.3f}, AUC for success {d['auc_success']:.3f}, for a valid "
                          f"action {d['auc_valid']:.3f}")
+            if validity is not None and d["mixed_turns"]:
+                line += (f" | {d['mixed_turns']} turns with valid and invalid candidates: V's AUC for a valid one "
+                         f"{d['auc_valid_within_turn']:.3f}, chosen valid {d['chosen_valid']:.3f} (at random "
+                         f"{d['random_valid']:.3f})")
             print(line, flush=True)
     if args.out:
         data.write_text(args.out, json.dumps(result, indent=1))
@@ -310,7 +275,9 @@ def env_factory(spec, split, seed, max_steps):
 
 
 def row(episode):
-    return {k: episode[k] for k in ("id", "sample", "messages", "reward", "steps", "end")}
+    keys = ("id", "sample", "messages", "reward", "steps", "end")
+    keys += ("candidates",) if episode.get("candidates") else ()   # best-of-K: for agent.py diagnose
+    return {k: episode[k] for k in keys}
 
 
 def word_tokenizer(texts):
@@ -456,7 +423,9 @@ def evaluate(args):
                   f"({s['episodes']} episodes, {s['seconds']:.0f} s)", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        data.write_text(args.out, json.dumps({"policy": args.policy, "value": args.value, "summary": summary,
+        data.write_text(args.out, json.dumps({"policy": args.policy, "value": args.value, "env": args.env,
+                                              "seed": args.seed, "max_steps": args.max_steps, "tasks": args.tasks,
+                                              "summary": summary,
                                               "per_task": per_task}, indent=1))
         print(f"agent eval: results in {args.out}", flush=True)
     return summary
@@ -497,9 +466,11 @@ def build_parser():
     p.add_argument("--methods", default="greedy,bestof3", help="comma-separated: greedy, sample, bestofK")
     p.add_argument("--splits", default="seen,unseen", help="comma-separated splits")
     p.add_argument("--tasks", type=int, default=0, help="tasks per split (0: all)")
-    p = sub.add_parser("diagnose", help="eval's transcripts: failing actions by verb; V's AUC at turn ends")
+    p = sub.add_parser("diagnose", help="eval's transcripts: failing actions by verb; V's AUC at turn ends; "
+                                        "best-of-K: does V rank a turn's valid candidates first")
     p.add_argument("--eval", required=True, help="an agent.py eval output (JSON)")
-    p.add_argument("--value", help="value model folder: also V at each turn's end (mean, AUCs)")
+    p.add_argument("--value", help="value model folder: also V at each turn's end (mean, AUCs); the within-turn "
+                                   "measures read the values best-of-K recorded")
     p.add_argument("--invalid", default=household.NOTHING, help="the answer to an action that cannot apply")
     p.add_argument("--out", help="output file (JSON)")
     return parser
@@ -508,7 +479,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return {"init": init, "demos": demos, "collect": collect, "eval": evaluate,
-            "diagnose": diagnose}[args.command](args)
+            "diagnose": diagnose_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,15 @@ The built-in demo's diagnostics: what the accuracies alone do not show.
    samples with exactly one wrong step: the mean change of V across the wrong step against across the right ones.
    Left out while there is no value model yet (so 1 and 2 can be read as soon as SFT and collect are done).
 
-Imports data, loading and search; nothing imports it.
+The agent demo's (`python agent.py diagnose --eval EVAL.json [--value FOLDER]` runs them on agent.py eval's
+transcripts): the share of actions that fail, per verb; V at each turn's end and its AUC for success and for a
+valid action; and for best-of-K, whether V ranks a turn's valid candidates above its invalid ones (each candidate
+stepped in a copy of the environment replayed to that turn).
+
+Imports data, loading and search; only agent.py imports it.
 """
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -141,6 +147,109 @@ def diagnose(args):
     data.write_text(out / "diagnostics.json", json.dumps(result, indent=1))
     print(f"diagnose: wrote {out}/diagnostics.json", file=sys.stderr)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The agent demo's: which actions fail, and what the value reads at each turn's end (agent.py diagnose runs them)
+
+
+def auc(positives, negatives):
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic); None unless both
+    are given. Average ranks over the pooled scores: O(n log n)."""
+    if not positives or not negatives:
+        return None
+    pooled = sorted([(x, 1) for x in positives] + [(x, 0) for x in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(pooled):
+        j = i
+        while j < len(pooled) and pooled[j][0] == pooled[i][0]:
+            j += 1
+        rank_sum += (i + j + 1) / 2 * sum(label for _, label in pooled[i:j])   # ranks i+1..j, averaged
+        i = j
+    n, m = len(positives), len(negatives)
+    return (rank_sum - n * (n + 1) / 2) / (n * m)
+
+
+def turn_end_values(value_model, tokenizer, transcripts, batch_size=32):
+    """V at each assistant turn's last token (the state whose action is the token that ends the turn, where
+    best-of-K reads it), per transcript (a messages list), from full forwards of the transcripts as training
+    encodes them."""
+    seqs, ends = [], []
+    for messages in transcripts:
+        ex = data.encode_trajectory(tokenizer, {"messages": messages, "reward": 0.0}, max_len=10**9)
+        seqs.append(ex.ids)
+        ends.append([j for j, (a, b) in enumerate(zip(ex.mask, ex.mask[1:] + [0])) if a and not b])
+    return search.values_at(value_model, seqs, ends, batch_size)
+
+
+def candidate_validity(make_env, task, row, invalid):
+    """Per turn of a best-of-K row: whether each candidate would be answered otherwise than `invalid`, each stepped
+    in a copy (copy.deepcopy) of the environment replayed to that turn along the transcript, which must replay
+    exactly and whose action each turn must be the first of the highest-valued candidates (as rollout chose)."""
+    env, out = make_env(), []
+    if env.reset(task) != row["messages"][0]["content"]:
+        raise data.UserError(f"task {task['id']}: the environment does not replay this transcript (its first "
+                             "observation differs)")
+    for t, candidates in enumerate(row["candidates"]):
+        action, answer = row["messages"][2 * t + 1]["content"], row["messages"][2 * t + 2]["content"]
+        if max(candidates, key=lambda c: c[1])[0] != action:
+            raise data.UserError(f"task {task['id']}, turn {t}: the action {action!r} is not the first of the "
+                                 "highest-valued candidates")
+        try:
+            out.append([copy.deepcopy(env).step(text)[0] != invalid for text, _ in candidates])
+        except (TypeError, copy.Error) as e:
+            raise data.UserError(f"{type(env).__name__}: diagnosing candidates needs copy.deepcopy of the "
+                                 f"environment ({e})") from None
+        if env.step(action)[0] != answer:
+            raise data.UserError(f"task {task['id']}, turn {t}: the replayed environment answers otherwise")
+    return out
+
+
+def mean_or_none(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def agent_stats(rows, invalid, values=None, validity=None):
+    """Per-method statistics of evaluated episodes: the share of actions answered `invalid`, per first word of the
+    action; with values (V at each turn's end, per row): mean V, and V's AUC for the episode's success and for the
+    action being answered otherwise than `invalid`. With validity (candidate_validity per best-of-K row), on the
+    turns whose candidates are partly valid: V's AUC for a valid candidate within the turn (the values best-of-K
+    recorded; pairs pooled over the turns), and how often the chosen candidate is valid against the share of valid
+    candidates (a pick at random); None without such turns."""
+    verbs, at_success, at_failure, at_valid, at_invalid = {}, [], [], [], []
+    pairs, chosen, share = [], [], []
+    for r, turns in zip(rows, validity or []):
+        for candidates, valid in zip(r["candidates"], turns):
+            if any(valid) and not all(valid):
+                v = [value for _, value in candidates]
+                pairs += [(a > b) + (a == b) / 2 for a, ok in zip(v, valid) if ok
+                          for b, bad in zip(v, valid) if not bad]
+                chosen.append(valid[max(range(len(v)), key=lambda j: v[j])])
+                share.append(sum(valid) / len(valid))
+    for n, r in enumerate(rows):
+        turns = [(m["content"], r["messages"][i + 1]["content"] if i + 1 < len(r["messages"]) else None)
+                 for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+        for t, (action, answer) in enumerate(turns):
+            verb = verbs.setdefault((action.split() or [""])[0], [0, 0])
+            verb[0] += 1
+            verb[1] += answer == invalid
+            if values is not None:
+                (at_success if r["reward"] > 0 else at_failure).append(values[n][t])
+                if answer is not None:
+                    (at_invalid if answer == invalid else at_valid).append(values[n][t])
+    actions = sum(c for c, _ in verbs.values())
+    out = {"episodes": len(rows), "success": sum(r["reward"] for r in rows) / max(len(rows), 1),
+           "actions": actions, "invalid": sum(b for _, b in verbs.values()) / max(actions, 1),
+           "by_verb": {v: {"share": c / actions, "invalid": b / c}
+                       for v, (c, b) in sorted(verbs.items(), key=lambda kv: -kv[1][0])}}
+    if values is not None:
+        every = at_success + at_failure
+        out.update(mean_value=sum(every) / max(len(every), 1), auc_success=auc(at_success, at_failure),
+                   auc_valid=auc(at_valid, at_invalid))
+    if validity is not None:
+        out.update(mixed_turns=len(chosen), auc_valid_within_turn=mean_or_none(pairs),
+                   chosen_valid=mean_or_none(chosen), random_valid=mean_or_none(share))
+    return out
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import torch
 
 import agent
 import data
+import diagnose
 import household
 import search
 from household import NOTHING, TASK_TYPES, HouseholdEnv
@@ -181,6 +182,10 @@ def test_best_of_k_reads_the_value_at_the_actions_last_token_a_trained_position(
             # in the transcript training sees, that is the state whose action (the next token) ends the turn
             j = len(prefix) + len(TOKENIZER.encode(ep["messages"][i]["content"])) - 1
             assert ex.ids[j + 1] == TOKENIZER.eos_id and ex.mask[j] == 1 and ex.mask[j - 1] == 1
+            # every candidate is kept with its value; the chosen one is the first of the highest
+            texts, values = zip(*ep["candidates"][n])
+            assert len(texts) == 3 and values.index(max(values)) == texts.index(ep["messages"][i]["content"])
+            assert max(values) == ep["values"][n]
 
 
 def test_masks_cover_the_assistant_tokens_only():
@@ -267,8 +272,8 @@ def test_auc_equals_the_pairwise_count_with_ties_half():
     for n, m in [(1, 1), (3, 7), (20, 13)]:
         pos, neg = [rng.randint(0, 5) for _ in range(n)], [rng.randint(0, 5) for _ in range(m)]
         pairs = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (n * m)
-        assert agent.auc(pos, neg) == pytest.approx(pairs, abs=1e-12)
-    assert agent.auc([1.0], []) is None and agent.auc([], [0.0]) is None
+        assert diagnose.auc(pos, neg) == pytest.approx(pairs, abs=1e-12)
+    assert diagnose.auc([1.0], []) is None and diagnose.auc([], [0.0]) is None
 
 
 def test_turn_end_values_of_a_transcript_equal_a_full_recompute_at_each_actions_last_token():
@@ -277,7 +282,7 @@ def test_turn_end_values_of_a_transcript_equal_a_full_recompute_at_each_actions_
     policy, value = tiny_model(max_seq_len=1024), tiny_value()
     episodes = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=4), HouseholdEnv("train", 0).tasks(n=2),
                                   temperature=1.0, max_action_tokens=12, seed=5)
-    for ep, got in zip(episodes, agent.turn_end_values(value, TOKENIZER, [ep["messages"] for ep in episodes])):
+    for ep, got in zip(episodes, diagnose.turn_end_values(value, TOKENIZER, [ep["messages"] for ep in episodes])):
         turns = [i for i, m in enumerate(ep["messages"]) if m["role"] == "assistant"]
         assert len(got) == len(turns) == 4
         for n, i in enumerate(turns):
@@ -293,7 +298,7 @@ def test_diagnose_counts_failing_actions_by_verb_and_the_values_auc(tmp_path):
         return {"id": "t", "messages": messages, "reward": reward}
     rows = [episode(1.0, ("go to desk 1", "On the desk 1, you see a mug 1."), ("take mug 1 from desk 1", "ok")),
             episode(0.0, ("put mug 1 in/on shelf 1", NOTHING), ("go to shelf 1", "ok"), ("look", NOTHING))]
-    d = agent.diagnose_rows(rows, NOTHING, values=[[0.9, 0.8], [0.1, 0.85, 0.8]])
+    d = diagnose.agent_stats(rows, NOTHING, values=[[0.9, 0.8], [0.1, 0.85, 0.8]])
     assert (d["episodes"], d["success"], d["actions"], d["invalid"]) == (2, 0.5, 5, 2 / 5)
     assert d["by_verb"] == {"go": {"share": 0.4, "invalid": 0.0}, "take": {"share": 0.2, "invalid": 0.0},
                             "put": {"share": 0.2, "invalid": 1.0}, "look": {"share": 0.2, "invalid": 1.0}}
@@ -302,7 +307,7 @@ def test_diagnose_counts_failing_actions_by_verb_and_the_values_auc(tmp_path):
     assert d["auc_success"] == pytest.approx(4.5 / 6)
     # valid 0.9, 0.8, 0.85 against the two answered NOTHING, 0.1 and 0.8: 2 + 1.5 + 2 of 6 pairs
     assert d["auc_valid"] == pytest.approx(5.5 / 6)
-    assert "mean_value" not in agent.diagnose_rows(rows, NOTHING)
+    assert "mean_value" not in diagnose.agent_stats(rows, NOTHING)
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"summary": {}, "per_task": {"seen": {"greedy": rows}}}))
     out = tmp_path / "diagnose.json"
@@ -310,3 +315,40 @@ def test_diagnose_counts_failing_actions_by_verb_and_the_values_auc(tmp_path):
     assert json.loads(out.read_text()) == result and result["splits"]["seen"]["greedy"]["invalid"] == 2 / 5
     with pytest.raises(data.UserError, match=f"--eval {out}: not an agent.py eval output"):
         agent.main(["diagnose", "--eval", str(out)])
+
+
+def test_candidate_validity_steps_each_candidate_in_a_replayed_copy_and_the_within_turn_auc(tmp_path):
+    env = HouseholdEnv("seen", 0, 40)
+    task = env.tasks()[0]
+    messages = [{"role": "user", "content": env.reset(task)}]
+    plan = env.expert_plan()
+    bad = "take mug 9 from shelf 7"   # nothing of that name: it cannot apply, nor can "xyzzy"; the plan's actions do
+    actions = ["xyzzy"] + plan         # a failing first action changes nothing: the plan still applies after it
+    for action in actions:
+        messages += [{"role": "assistant", "content": action}, {"role": "user", "content": env.step(action)[0]}]
+    assert messages[2]["content"] == NOTHING and env.done
+    # turn 0: "xyzzy" ties the valid plan[0] at the top and is first, so rollout chose it; later turns: the plan's
+    # action ties `bad` at the top and is first. Each turn: the valid one vs the 2 invalid ones, a tie and a win.
+    candidates = [[["xyzzy", 0.5], [plan[0], 0.5], [bad, 0.1]]]
+    candidates += [[[a, 0.3], [bad, 0.3], ["xyzzy", 0.1]] for a in plan]
+    row = {"id": task["id"], "messages": messages, "reward": 1.0, "candidates": candidates}
+    make_env = scripted_env("seen", 0, 40)
+    validity = diagnose.candidate_validity(make_env, task, row, NOTHING)
+    assert validity == [[False, True, False]] + [[True, False, False]] * len(plan)   # the replay went on: copies
+    d = diagnose.agent_stats([row], NOTHING, validity=[validity])
+    n = len(actions)
+    assert d["mixed_turns"] == n and d["random_valid"] == pytest.approx(1 / 3)
+    assert d["auc_valid_within_turn"] == pytest.approx(1.5 / 2) and d["chosen_valid"] == pytest.approx((n - 1) / n)
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"env": "household", "seed": 0, "max_steps": 40, "tasks": 0,
+                              "per_task": {"seen": {"bestof3": [row]}}}))
+    got = agent.main(["diagnose", "--eval", str(ev)])["splits"]["seen"]["bestof3"]
+    assert got["mixed_turns"] == n and got["chosen_valid"] == d["chosen_valid"]
+    all_valid = {**row, "candidates": [[[a, 0.5]] * 3 for a in actions[1:]], "messages": [messages[0]] + messages[3:]}
+    assert diagnose.agent_stats([all_valid], NOTHING, validity=[[[True] * 3] * len(plan)])["chosen_valid"] is None
+    last_of_highest = {**row, "candidates": [[[plan[0], 0.5], ["xyzzy", 0.5], [bad, 0.1]]] + candidates[1:]}
+    with pytest.raises(data.UserError, match="turn 0: the action 'xyzzy' is not the first of the highest"):
+        diagnose.candidate_validity(make_env, task, last_of_highest, NOTHING)
+    messages[4]["content"] = "You see a unicorn."
+    with pytest.raises(data.UserError, match="turn 1: the replayed environment answers otherwise"):
+        diagnose.candidate_validity(make_env, task, row, NOTHING)
