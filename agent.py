@@ -38,7 +38,7 @@ import diagnose
 import household
 import loading
 import search
-from model import Cache, Config, Transformer, ValueModel
+from model import Cache, Config, Transformer
 from tokenizer import GPT2_PATTERN
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,16 +100,23 @@ def generators(seed, task_id, k):
 
 @torch.no_grad()
 def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temperature=1.0, max_action_tokens=48,
-            max_turns=40):
+            max_turns=40, prefixes=None):
     """Run one episode per (env, task) together; seeds[i] seeds episode i's generators. With k > 1 each turn
     samples k candidate actions and keeps the one the value model rates highest (the first on ties); k = 1 at
     temperature 0 is greedy. Returns per episode {"messages", "reward" (the sum of the step rewards), "steps",
     "values" (the chosen candidate's per turn, k > 1), "candidates" (per turn, each candidate's [text, value],
     k > 1), "action_tokens" (the sampled ids of each chosen action; its text may encode back to other ids),
     "end"}; end is "done" (the environment ended it), "turns" (max_turns) or "context" (the next turn would not
-    fit the model's max_seq_len)."""
+    fit the model's max_seq_len). prefixes[i], if given, is a transcript for episode i to go on from: env i replays
+    its actions (each answer must be the transcript's), and steps and reward count the new turns only."""
     E, limit = len(tasks), policy.config.max_seq_len
     messages = [[{"role": "user", "content": env.reset(task)}] for env, task in zip(envs, tasks)]
+    for env, task, m, prefix in zip(envs, tasks, messages, prefixes or [None] * E):
+        if prefix:
+            answers = [m[0]["content"]] + [env.step(a["content"])[0] for a in prefix[1::2]]
+            if answers != [u["content"] for u in prefix[0::2]]:
+                raise data.UserError(f"task {task['id']}: the environment does not replay the prefix transcript")
+            m[:] = [dict(x) for x in prefix]
     ids = [render(tokenizer, m) for m in messages]          # each episode's transcript, up to its open turn
     for task, prompt in zip(tasks, ids):
         if len(prompt) + max_action_tokens > limit:
@@ -191,70 +198,18 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
     return episodes
 
 
-def run_episodes(policy, tokenizer, make_env, tasks, samples=1, seed=0, batch_size=32, **kw):
+def run_episodes(policy, tokenizer, make_env, tasks, samples=1, seed=0, batch_size=32, prefixes=None, **kw):
     """rollout over chunks of batch_size episodes: samples episodes per task (sample s seeded by f"{seed}:{s}"),
-    task-major. Returns the episodes with "id" (the task's) and "sample" added."""
-    jobs = [(task, s) for task in tasks for s in range(samples)]
+    task-major, each going on from its task's prefix if given. Returns the episodes with "id" (the task's) and
+    "sample" added."""
+    jobs = [(task, s, p) for task, p in zip(tasks, prefixes or [None] * len(tasks)) for s in range(samples)]
     out = []
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
-        episodes = rollout(policy, tokenizer, [make_env() for _ in chunk], [t for t, _ in chunk],
-                           [f"{seed}:{s}" for _, s in chunk], **kw)
-        out += [{"id": t["id"], "sample": s, **ep} for (t, s), ep in zip(chunk, episodes)]
+        episodes = rollout(policy, tokenizer, [make_env() for _ in chunk], [t for t, _, _ in chunk],
+                           [f"{seed}:{s}" for _, s, _ in chunk], prefixes=[p for _, _, p in chunk], **kw)
+        out += [{"id": t["id"], "sample": s, **ep} for (t, s, _), ep in zip(chunk, episodes)]
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Diagnostics of evaluated transcripts (diagnose.py computes them)
-
-
-def diagnose_eval(args):
-    """agent.py eval's transcripts: per split and method, how often and with which verbs actions fail, (with
-    --value) how well V at each turn's end tells successful episodes and valid actions apart, and for best-of-K
-    how well it tells a turn's valid candidates from its invalid ones (each candidate stepped in a replayed copy of
-    the eval's environment)."""
-    try:
-        report = json.loads(Path(args.eval).read_text())
-        per_task = report["per_task"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise data.UserError(f"--eval {args.eval}: not an agent.py eval output ({e})") from None
-    value_model = tokenizer = None
-    if args.value:
-        loading.need_folder(args.value, "--value")
-        with data.as_user_error():
-            value_model = ValueModel.from_pretrained(args.value).eval()
-            tokenizer = data.Tokenizer.from_pretrained(args.value)
-    result = {"eval": args.eval, "value": args.value, "invalid_answer": args.invalid, "splits": {}}
-    for split, methods in per_task.items():
-        for method, rows in methods.items():
-            values = None
-            if value_model:
-                values = diagnose.turn_end_values(value_model, tokenizer, [r["messages"] for r in rows])
-            validity = None
-            if rows and "candidates" in rows[0] and "env" in report:
-                make_env = env_factory(report["env"], split, report["seed"], report["max_steps"])
-                tasks = {t["id"]: t for t in make_env().tasks(split, report.get("tasks") or None)}
-                if any(r["id"] not in tasks for r in rows):
-                    raise data.UserError(f"--eval {args.eval}: {split} has tasks that --env {report['env']} "
-                                         f"(seed {report['seed']}) does not list")
-                validity = [diagnose.candidate_validity(make_env, tasks[r["id"]], r, args.invalid) for r in rows]
-            d = diagnose.agent_stats(rows, args.invalid, values, validity)
-            result["splits"].setdefault(split, {})[method] = d
-            top = ", ".join(f"{v} {s['share']:.2f} ({s['invalid']:.2f})" for v, s in list(d["by_verb"].items())[:6])
-            line = (f"agent diagnose: {split:>7} {method:>8} success {d['success']:.3f} | {d['actions']} actions, "
-                    f"{d['invalid']:.3f} answered {args.invalid!r}; by verb, share (invalid): {top}")
-            if value_model:
-                line += (f" | mean V {d['mean_value']:.3f}, AUC for success {d['auc_success']:.3f}, for a valid "
-                         f"action {d['auc_valid']:.3f}")
-            if validity is not None and d["mixed_turns"]:
-                line += (f" | {d['mixed_turns']} turns with valid and invalid candidates: V's AUC for a valid one "
-                         f"{d['auc_valid_within_turn']:.3f}, chosen valid {d['chosen_valid']:.3f} (at random "
-                         f"{d['random_valid']:.3f})")
-            print(line, flush=True)
-    if args.out:
-        data.write_text(args.out, json.dumps(result, indent=1))
-        print(f"agent diagnose: results in {args.out}", flush=True)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,6 +427,14 @@ def build_parser():
     p.add_argument("--value", help="value model folder: also V at each turn's end (mean, AUCs); the within-turn "
                                    "measures read the values best-of-K recorded")
     p.add_argument("--invalid", default=household.NOTHING, help="the answer to an action that cannot apply")
+    p.add_argument("--returns", type=int, default=0, help="best-of-K: N continuations by --policy after a valid "
+                   "and after an invalid candidate of each of --turns partly valid turns (0: none)")
+    p.add_argument("--turns", type=int, default=200, help="partly valid turns drawn for --returns")
+    p.add_argument("--policy", help="the policy that continues (--returns)")
+    data.add_device_flags(p)
+    p.add_argument("--temperature", type=float, default=1.0, help="the continuations' sampling temperature")
+    p.add_argument("--max-action-tokens", type=int, default=48, help="an action's length limit in tokens")
+    p.add_argument("--batch-size", type=int, default=32, help="episodes stepped together")
     p.add_argument("--out", help="output file (JSON)")
     return parser
 
@@ -479,7 +442,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return {"init": init, "demos": demos, "collect": collect, "eval": evaluate,
-            "diagnose": diagnose_eval}[args.command](args)
+            "diagnose": lambda a: diagnose.agent(a, env_factory, run_episodes)}[args.command](args)
 
 
 if __name__ == "__main__":

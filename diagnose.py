@@ -22,12 +22,13 @@ transcripts): the share of actions that fail, per verb; V at each turn's end and
 valid action; and for best-of-K, whether V ranks a turn's valid candidates above its invalid ones (each candidate
 stepped in a copy of the environment replayed to that turn).
 
-Imports data, loading and search; only agent.py imports it.
+Imports data, loading, model and search; only agent.py imports it.
 """
 import argparse
 import copy
 import json
 import math
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 import data
 import loading
 import search
+from model import ValueModel
 
 
 @torch.no_grad()
@@ -182,10 +184,10 @@ def turn_end_values(value_model, tokenizer, transcripts, batch_size=32):
     return search.values_at(value_model, seqs, ends, batch_size)
 
 
-def candidate_validity(make_env, task, row, invalid):
-    """Per turn of a best-of-K row: whether each candidate would be answered otherwise than `invalid`, each stepped
-    in a copy (copy.deepcopy) of the environment replayed to that turn along the transcript, which must replay
-    exactly and whose action each turn must be the first of the highest-valued candidates (as rollout chose)."""
+def candidate_steps(make_env, task, row):
+    """Per turn of a best-of-K row: each candidate's (answer, reward, done), stepped in a copy (copy.deepcopy) of the
+    environment replayed to that turn along the transcript, which must replay exactly and whose action each turn
+    must be the first of the highest-valued candidates (as rollout chose)."""
     env, out = make_env(), []
     if env.reset(task) != row["messages"][0]["content"]:
         raise data.UserError(f"task {task['id']}: the environment does not replay this transcript (its first "
@@ -196,13 +198,46 @@ def candidate_validity(make_env, task, row, invalid):
             raise data.UserError(f"task {task['id']}, turn {t}: the action {action!r} is not the first of the "
                                  "highest-valued candidates")
         try:
-            out.append([copy.deepcopy(env).step(text)[0] != invalid for text, _ in candidates])
+            out.append([copy.deepcopy(env).step(text) for text, _ in candidates])
         except (TypeError, copy.Error) as e:
             raise data.UserError(f"{type(env).__name__}: diagnosing candidates needs copy.deepcopy of the "
                                  f"environment ({e})") from None
         if env.step(action)[0] != answer:
             raise data.UserError(f"task {task['id']}, turn {t}: the replayed environment answers otherwise")
     return out
+
+
+def candidate_validity(steps, invalid):
+    """Per turn, per candidate: answered otherwise than `invalid` (steps: candidate_steps of a row)."""
+    return [[answer != invalid for answer, _, _ in turn] for turn in steps]
+
+
+def return_gap(rows, steps, invalid, go_on, n, max_turns, seed):
+    """What best-of-K's value would have to rank: on up to max_turns of the turns whose candidates are partly valid
+    (drawn with seed), the return after the turn's first valid and after its first invalid candidate, each the
+    candidate's own reward plus the mean of n continuations (go_on(prefixes, n) -> n episodes per (task id,
+    transcript) prefix, the policy sampling; none when the candidate ends the episode). Returns both means, and
+    their paired difference with its standard error over the turns."""
+    turns = [(i, t) for i, r in enumerate(steps) for t, turn in enumerate(r)
+             if len({answer != invalid for answer, _, _ in turn}) == 2]
+    turns = sorted(random.Random(seed).sample(turns, min(max_turns, len(turns))))
+    own, prefixes = [], []   # per (turn, candidate): its step's reward, and its prefix when the episode goes on
+    for i, t in turns:
+        for valid in (True, False):
+            j = next(j for j, (answer, _, _) in enumerate(steps[i][t]) if (answer != invalid) == valid)
+            answer, reward, done = steps[i][t][j]
+            action = {"role": "assistant", "content": rows[i]["candidates"][t][j][0]}
+            own.append((float(reward), None if done else len(prefixes)))
+            if not done:
+                prefix = rows[i]["messages"][:2 * t + 1] + [action, {"role": "user", "content": answer}]
+                prefixes.append((rows[i]["id"], prefix))
+    episodes = go_on(prefixes, n) if prefixes else []
+    returns = [r + (0.0 if p is None else statistics.fmean(e["reward"] for e in episodes[p * n:(p + 1) * n]))
+               for r, p in own]
+    gaps = [v - w for v, w in zip(returns[0::2], returns[1::2])]
+    return {"turns": len(turns), "continuations": n, "after_valid": mean_or_none(returns[0::2]),
+            "after_invalid": mean_or_none(returns[1::2]), "gap": mean_or_none(gaps),
+            "gap_se": statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else None}
 
 
 def mean_or_none(xs):
@@ -215,9 +250,10 @@ def agent_stats(rows, invalid, values=None, validity=None):
     action being answered otherwise than `invalid`. With validity (candidate_validity per best-of-K row), on the
     turns whose candidates are partly valid: V's AUC for a valid candidate within the turn (the values best-of-K
     recorded; pairs pooled over the turns), and how often the chosen candidate is valid against the share of valid
-    candidates (a pick at random); None without such turns."""
+    candidates (a pick at random), and V's gap between the turn's first valid and first invalid candidate (mean,
+    and its spread over the turns); None without such turns."""
     verbs, at_success, at_failure, at_valid, at_invalid = {}, [], [], [], []
-    pairs, chosen, share = [], [], []
+    pairs, chosen, share, gaps = [], [], [], []
     for r, turns in zip(rows, validity or []):
         for candidates, valid in zip(r["candidates"], turns):
             if any(valid) and not all(valid):
@@ -226,6 +262,7 @@ def agent_stats(rows, invalid, values=None, validity=None):
                           for b, bad in zip(v, valid) if not bad]
                 chosen.append(valid[max(range(len(v)), key=lambda j: v[j])])
                 share.append(sum(valid) / len(valid))
+                gaps.append(v[valid.index(True)] - v[valid.index(False)])
     for n, r in enumerate(rows):
         turns = [(m["content"], r["messages"][i + 1]["content"] if i + 1 < len(r["messages"]) else None)
                  for i, m in enumerate(r["messages"]) if m["role"] == "assistant"]
@@ -248,8 +285,81 @@ def agent_stats(rows, invalid, values=None, validity=None):
                    auc_valid=auc(at_valid, at_invalid))
     if validity is not None:
         out.update(mixed_turns=len(chosen), auc_valid_within_turn=mean_or_none(pairs),
-                   chosen_valid=mean_or_none(chosen), random_valid=mean_or_none(share))
+                   chosen_valid=mean_or_none(chosen), random_valid=mean_or_none(share), value_gap=mean_or_none(gaps),
+                   value_gap_sd=statistics.stdev(gaps) if len(gaps) > 1 else None)
     return out
+
+
+def agent(args, env_factory, run_episodes):
+    """agent.py eval's transcripts: per split and method, how often and with which verbs actions fail, (with
+    --value) how well V at each turn's end tells successful episodes and valid actions apart, and for best-of-K
+    how well it tells a turn's valid candidates from its invalid ones (each candidate stepped in a replayed copy of
+    the eval's environment; with --returns, the returns after a valid and after an invalid candidate). agent.py
+    diagnose runs it, passing its env_factory and run_episodes."""
+    try:
+        report = json.loads(Path(args.eval).read_text())
+        per_task = report["per_task"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.UserError(f"--eval {args.eval}: not an agent.py eval output ({e})") from None
+    value_model = tokenizer = None
+    if args.value:
+        loading.need_folder(args.value, "--value")
+        with data.as_user_error():
+            value_model = ValueModel.from_pretrained(args.value).eval()
+            tokenizer = data.Tokenizer.from_pretrained(args.value)
+    if args.returns:   # the policy's continuations
+        if not args.policy:
+            raise data.UserError("--returns: give --policy FOLDER, the policy that continues the episodes")
+        loading.need_folder(args.policy, "--policy")
+        policy, policy_tokenizer = loading.load_policy(args.policy, *data.device_and_dtype(args))
+    result = {"eval": args.eval, "value": args.value, "invalid_answer": args.invalid, "splits": {}}
+    for split, methods in per_task.items():
+        for method, rows in methods.items():
+            values = None
+            if value_model:
+                values = turn_end_values(value_model, tokenizer, [r["messages"] for r in rows])
+            validity = None
+            if rows and "candidates" in rows[0] and "env" in report:
+                make_env = env_factory(report["env"], split, report["seed"], report["max_steps"])
+                tasks = {t["id"]: t for t in make_env().tasks(split, report.get("tasks") or None)}
+                if any(r["id"] not in tasks for r in rows):
+                    raise data.UserError(f"--eval {args.eval}: {split} has tasks that --env {report['env']} "
+                                         f"(seed {report['seed']}) does not list")
+                steps = [candidate_steps(make_env, tasks[r["id"]], r) for r in rows]
+                validity = [candidate_validity(s, args.invalid) for s in steps]
+            d = agent_stats(rows, args.invalid, values, validity)
+            result["splits"].setdefault(split, {})[method] = d
+            if validity is not None and args.returns:
+                def go_on(prefixes, n):   # the policy's continuations
+                    print(f"agent diagnose: {split} {method}: {n} continuations of {len(prefixes)} prefixes",
+                          flush=True)
+                    return run_episodes(policy, policy_tokenizer, make_env, [tasks[i] for i, _ in prefixes], n,
+                                        report["seed"], args.batch_size, [p for _, p in prefixes],
+                                        temperature=args.temperature, max_action_tokens=args.max_action_tokens,
+                                        max_turns=report["max_steps"])
+                d["return_gap"] = return_gap(rows, steps, args.invalid, go_on, args.returns, args.turns,
+                                                      report["seed"])
+            top = ", ".join(f"{v} {s['share']:.2f} ({s['invalid']:.2f})" for v, s in list(d["by_verb"].items())[:6])
+            line = (f"agent diagnose: {split:>7} {method:>8} success {d['success']:.3f} | {d['actions']} actions, "
+                    f"{d['invalid']:.3f} answered {args.invalid!r}; by verb, share (invalid): {top}")
+            if value_model:
+                line += (f" | mean V {d['mean_value']:.3f}, AUC for success {d['auc_success']:.3f}, for a valid "
+                         f"action {d['auc_valid']:.3f}")
+            if validity is not None and d["mixed_turns"]:
+                line += (f" | {d['mixed_turns']} turns with valid and invalid candidates: V's AUC for a valid one "
+                         f"{d['auc_valid_within_turn']:.3f}, chosen valid {d['chosen_valid']:.3f} (at random "
+                         f"{d['random_valid']:.3f}), V's gap valid - invalid {d['value_gap']:+.3f} (sd "
+                         f"{d['value_gap_sd'] or 0:.3f})")
+            if "return_gap" in d and d["return_gap"]["turns"] > 1:
+                g = d["return_gap"]
+                line += (f" | return after a valid / an invalid candidate ({g['turns']} of those turns, "
+                         f"{args.returns} continuations each): {g['after_valid']:.3f} / {g['after_invalid']:.3f}, "
+                         f"gap {g['gap']:+.3f} ± {g['gap_se']:.3f}")
+            print(line, flush=True)
+    if args.out:
+        data.write_text(args.out, json.dumps(result, indent=1))
+        print(f"agent diagnose: results in {args.out}", flush=True)
+    return result
 
 
 def main(argv=None):

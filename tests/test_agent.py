@@ -4,6 +4,7 @@ masks on assistant tokens only, and collect's resume. Tiny random models and the
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 
@@ -188,6 +189,21 @@ def test_best_of_k_reads_the_value_at_the_actions_last_token_a_trained_position(
             assert max(values) == ep["values"][n]
 
 
+def test_an_episode_continued_from_its_prefix_is_the_rest_of_the_full_episode():
+    policy = tiny_model(seed=4, max_seq_len=1024)
+    tasks = HouseholdEnv("train", 0).tasks(n=2)
+    env = scripted_env(max_steps=6)
+    full = agent.run_episodes(policy, TOKENIZER, env, tasks, max_action_tokens=10, temperature=0.0)
+    prefixes = [ep["messages"][:5] for ep in full]   # the first observation and 2 turns
+    rest = agent.run_episodes(policy, TOKENIZER, env, tasks, max_action_tokens=10, temperature=0.0,
+                              prefixes=prefixes)
+    for a, b in zip(full, rest):
+        assert b["messages"] == a["messages"] and b["steps"] == a["steps"] - 2 and b["reward"] == a["reward"]
+    prefixes[1][2]["content"] = "You see a unicorn."
+    with pytest.raises(data.UserError, match=f"task {tasks[1]['id']}: the environment does not replay the prefix"):
+        agent.run_episodes(policy, TOKENIZER, env, tasks, max_action_tokens=10, temperature=0.0, prefixes=prefixes)
+
+
 def test_masks_cover_the_assistant_tokens_only():
     policy = tiny_model(seed=2, max_seq_len=1024)
     ep = agent.run_episodes(policy, TOKENIZER, scripted_env(max_steps=5), HouseholdEnv("train", 0).tasks(n=1),
@@ -330,25 +346,48 @@ def test_candidate_validity_steps_each_candidate_in_a_replayed_copy_and_the_with
     # turn 0: "xyzzy" ties the valid plan[0] at the top and is first, so rollout chose it; later turns: the plan's
     # action ties `bad` at the top and is first. Each turn: the valid one vs the 2 invalid ones, a tie and a win.
     candidates = [[["xyzzy", 0.5], [plan[0], 0.5], [bad, 0.1]]]
-    candidates += [[[a, 0.3], [bad, 0.3], ["xyzzy", 0.1]] for a in plan]
+    candidates += [[[a, 0.3], ["xyzzy", 0.2], [bad, 0.3]] for a in plan]
     row = {"id": task["id"], "messages": messages, "reward": 1.0, "candidates": candidates}
     make_env = scripted_env("seen", 0, 40)
-    validity = diagnose.candidate_validity(make_env, task, row, NOTHING)
+    steps = diagnose.candidate_steps(make_env, task, row)
+    validity = diagnose.candidate_validity(steps, NOTHING)
     assert validity == [[False, True, False]] + [[True, False, False]] * len(plan)   # the replay went on: copies
     d = diagnose.agent_stats([row], NOTHING, validity=[validity])
     n = len(actions)
     assert d["mixed_turns"] == n and d["random_valid"] == pytest.approx(1 / 3)
     assert d["auc_valid_within_turn"] == pytest.approx(1.5 / 2) and d["chosen_valid"] == pytest.approx((n - 1) / n)
+    # first valid minus first invalid: 0.5 - 0.5 at turn 0, then 0.3 - 0.2 (the first invalid is "xyzzy")
+    value_gaps = [0.0] + [0.3 - 0.2] * (n - 1)
+    assert d["value_gap"] == pytest.approx(sum(value_gaps) / n)
+    assert d["value_gap_sd"] == pytest.approx(statistics.stdev(value_gaps))
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"env": "household", "seed": 0, "max_steps": 40, "tasks": 0,
                               "per_task": {"seen": {"bestof3": [row]}}}))
     got = agent.main(["diagnose", "--eval", str(ev)])["splits"]["seen"]["bestof3"]
     assert got["mixed_turns"] == n and got["chosen_valid"] == d["chosen_valid"]
+    with pytest.raises(data.UserError, match="--returns: give --policy FOLDER"):
+        agent.main(["diagnose", "--eval", str(ev), "--returns", "2"])
     all_valid = {**row, "candidates": [[[a, 0.5]] * 3 for a in actions[1:]], "messages": [messages[0]] + messages[3:]}
     assert diagnose.agent_stats([all_valid], NOTHING, validity=[[[True] * 3] * len(plan)])["chosen_valid"] is None
     last_of_highest = {**row, "candidates": [[[plan[0], 0.5], ["xyzzy", 0.5], [bad, 0.1]]] + candidates[1:]}
     with pytest.raises(data.UserError, match="turn 0: the action 'xyzzy' is not the first of the highest"):
-        diagnose.candidate_validity(make_env, task, last_of_highest, NOTHING)
+        diagnose.candidate_steps(make_env, task, last_of_highest)
+    # the return gap: continuations after the first valid and the first invalid candidate of each turn; the last
+    # plan action ends the episode (reward 1) and is not continued. A stand-in policy: after an invalid candidate,
+    # the episode succeeds when the prefix has an even number of turns; after a valid one, always.
+    seen = []
+
+    def go_on(prefixes, n):
+        seen.extend(prefixes)
+        return [{"reward": float(p[-2]["content"] not in bad + "xyzzy" or len(p) // 2 % 2 == 0)}
+                for _, p in prefixes for _ in range(n)]
+    g = diagnose.return_gap([row], [steps], NOTHING, go_on, 2, 100, seed=0)
+    assert len(seen) == 2 * n - 1 and all(i == task["id"] and p[-1]["role"] == "user" for i, p in seen)
+    assert [p[-2]["content"] for _, p in seen[:2]] == [plan[0], "xyzzy"] and seen[3][1][-2]["content"] == "xyzzy"
+    gaps = [float((t + 1) % 2) for t in range(n)]   # the invalid prefix at turn t has t + 1 turns: 0 when even
+    assert (g["turns"], g["after_valid"], g["gap"]) == (n, 1.0, pytest.approx(sum(gaps) / n))
+    assert g["gap_se"] == pytest.approx(statistics.stdev(gaps) / n ** 0.5)
+    assert diagnose.return_gap([row], [steps], NOTHING, go_on, 2, 3, seed=0)["turns"] == 3   # at most max_turns
     messages[4]["content"] = "You see a unicorn."
     with pytest.raises(data.UserError, match="turn 1: the replayed environment answers otherwise"):
-        diagnose.candidate_validity(make_env, task, row, NOTHING)
+        diagnose.candidate_steps(make_env, task, row)
