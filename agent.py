@@ -5,6 +5,7 @@ training task, and evaluation with greedy or value-guided best-of-K action selec
     python agent.py collect --policy sft/policy --out episodes.jsonl -k 4
     python agent.py eval --policy oreo/policy --value oreo/value --methods greedy,bestof3 --out eval.json
     python agent.py diagnose --eval eval.json --value oreo/value       # failing actions; V's AUCs, within turns
+    python agent.py diagnose --eval eval.json --returns 8 --policy oreo/policy   # the returns V would have to rank
 
 A transcript is a `{messages, reward}` row that oreo.py trains on: the first user turn holds the first observation
 and the task, each assistant turn is one action, each later user turn the environment's answer (masked). The
@@ -107,20 +108,25 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
     "values" (the chosen candidate's per turn, k > 1), "candidates" (per turn, each candidate's [text, value],
     k > 1), "action_tokens" (the sampled ids of each chosen action; its text may encode back to other ids),
     "end"}; end is "done" (the environment ended it), "turns" (max_turns) or "context" (the next turn would not
-    fit the model's max_seq_len). prefixes[i], if given, is a transcript for episode i to go on from: env i replays
-    its actions (each answer must be the transcript's), and steps and reward count the new turns only."""
+    fit the model's max_seq_len). prefixes[i], if given, is a transcript (ending with an answer) for episode i to
+    go on from: env i replays its actions (each answer must be the transcript's, the episode not over); messages
+    hold the prefix, every other field counts the new turns only."""
     E, limit = len(tasks), policy.config.max_seq_len
     messages = [[{"role": "user", "content": env.reset(task)}] for env, task in zip(envs, tasks)]
     for env, task, m, prefix in zip(envs, tasks, messages, prefixes or [None] * E):
         if prefix:
-            answers = [m[0]["content"]] + [env.step(a["content"])[0] for a in prefix[1::2]]
+            answers = [m[0]["content"]]
+            for action in prefix[1::2] if len(prefix) % 2 else []:
+                observation, _, done = env.step(action["content"])
+                answers.append(None if done else observation)
             if answers != [u["content"] for u in prefix[0::2]]:
-                raise data.UserError(f"task {task['id']}: the environment does not replay the prefix transcript")
+                raise data.UserError(f"task {task['id']}: the environment does not replay the prefix transcript "
+                                     "(or it ends the episode, or ends with an action)")
             m[:] = [dict(x) for x in prefix]
     ids = [render(tokenizer, m) for m in messages]          # each episode's transcript, up to its open turn
     for task, prompt in zip(tasks, ids):
         if len(prompt) + max_action_tokens > limit:
-            raise data.UserError(f"task {task['id']}: the first observation has {len(prompt)} tokens; with "
+            raise data.UserError(f"task {task['id']}: the transcript so far has {len(prompt)} tokens; with "
                              f"{max_action_tokens} for an action that exceeds the model's {limit} positions")
     gens = [g for task, s in zip(tasks, seeds) for g in generators(s, task["id"], k)]
     # the value model's rows keep hidden states too: its head runs below on each episode's k candidates alone (in
@@ -200,15 +206,17 @@ def rollout(policy, tokenizer, envs, tasks, seeds, k=1, value_model=None, temper
 
 def run_episodes(policy, tokenizer, make_env, tasks, samples=1, seed=0, batch_size=32, prefixes=None, **kw):
     """rollout over chunks of batch_size episodes: samples episodes per task (sample s seeded by f"{seed}:{s}"),
-    task-major, each going on from its task's prefix if given. Returns the episodes with "id" (the task's) and
-    "sample" added."""
-    jobs = [(task, s, p) for task, p in zip(tasks, prefixes or [None] * len(tasks)) for s in range(samples)]
+    task-major. With prefixes (one per task), each goes on from its task's prefix, and sample s of the j-th is
+    seeded by f"{seed}:{s}:prefix{j}", so that prefixes of one task draw apart. Returns the episodes with "id" (the
+    task's) and "sample" added."""
+    jobs = [(task, s, p, f"{seed}:{s}" if p is None else f"{seed}:{s}:prefix{j}")
+            for j, (task, p) in enumerate(zip(tasks, prefixes or [None] * len(tasks))) for s in range(samples)]
     out = []
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
-        episodes = rollout(policy, tokenizer, [make_env() for _ in chunk], [t for t, _, _ in chunk],
-                           [f"{seed}:{s}" for _, s, _ in chunk], prefixes=[p for _, _, p in chunk], **kw)
-        out += [{"id": t["id"], "sample": s, **ep} for (t, s, _), ep in zip(chunk, episodes)]
+        episodes = rollout(policy, tokenizer, [make_env() for _ in chunk], [job[0] for job in chunk],
+                           [job[3] for job in chunk], prefixes=[job[2] for job in chunk], **kw)
+        out += [{"id": t["id"], "sample": s, **ep} for (t, s, _, _), ep in zip(chunk, episodes)]
     return out
 
 
@@ -422,7 +430,8 @@ def build_parser():
     p.add_argument("--splits", default="seen,unseen", help="comma-separated splits")
     p.add_argument("--tasks", type=int, default=0, help="tasks per split (0: all)")
     p = sub.add_parser("diagnose", help="eval's transcripts: failing actions by verb; V's AUC at turn ends; "
-                                        "best-of-K: does V rank a turn's valid candidates first")
+                                        "best-of-K: does V rank a turn's valid candidates first, and (--returns) "
+                                        "the returns it would have to rank")
     p.add_argument("--eval", required=True, help="an agent.py eval output (JSON)")
     p.add_argument("--value", help="value model folder: also V at each turn's end (mean, AUCs); the within-turn "
                                    "measures read the values best-of-K recorded")
@@ -442,7 +451,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return {"init": init, "demos": demos, "collect": collect, "eval": evaluate,
-            "diagnose": lambda a: diagnose.agent(a, env_factory, run_episodes)}[args.command](args)
+            "diagnose": lambda a: diagnose.agent_eval(a, env_factory, run_episodes)}[args.command](args)
 
 
 if __name__ == "__main__":

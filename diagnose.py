@@ -17,10 +17,11 @@ The built-in demo's diagnostics: what the accuracies alone do not show.
    samples with exactly one wrong step: the mean change of V across the wrong step against across the right ones.
    Left out while there is no value model yet (so 1 and 2 can be read as soon as SFT and collect are done).
 
-The agent demo's (`python agent.py diagnose --eval EVAL.json [--value FOLDER]` runs them on agent.py eval's
-transcripts): the share of actions that fail, per verb; V at each turn's end and its AUC for success and for a
-valid action; and for best-of-K, whether V ranks a turn's valid candidates above its invalid ones (each candidate
-stepped in a copy of the environment replayed to that turn).
+The agent demo's (`python agent.py diagnose --eval EVAL.json [--value FOLDER] [--returns N --policy FOLDER]`
+runs them on agent.py eval's transcripts): the share of actions that fail, per verb; V at each turn's end and its
+AUC for success and for a valid action; for best-of-K, whether V ranks a turn's valid candidates above its invalid
+ones (each candidate stepped in a copy of the environment replayed to that turn); and with --returns, the returns
+after a valid and after an invalid candidate that V would have to rank (the policy continuing from there).
 
 Imports data, loading, model and search; only agent.py imports it.
 """
@@ -216,28 +217,42 @@ def return_gap(rows, steps, invalid, go_on, n, max_turns, seed):
     """What best-of-K's value would have to rank: on up to max_turns of the turns whose candidates are partly valid
     (drawn with seed), the return after the turn's first valid and after its first invalid candidate, each the
     candidate's own reward plus the mean of n continuations (go_on(prefixes, n) -> n episodes per (task id,
-    transcript) prefix, the policy sampling; none when the candidate ends the episode). Returns both means, and
-    their paired difference with its standard error over the turns."""
+    transcript) prefix, the policy sampling; none when the candidate ends the episode). Returns both means, their
+    paired difference per turn (mean, and its standard error clustered by episode: a row's turns are not
+    independent), V's difference between the same two candidates on the same turns, and the correlation of the
+    two differences over the turns."""
     turns = [(i, t) for i, r in enumerate(steps) for t, turn in enumerate(r)
              if len({answer != invalid for answer, _, _ in turn}) == 2]
     turns = sorted(random.Random(seed).sample(turns, min(max_turns, len(turns))))
-    own, prefixes = [], []   # per (turn, candidate): its step's reward, and its prefix when the episode goes on
+    own, prefixes, value_gaps = [], [], []   # own: per (turn, candidate), its reward and its prefix's index if any
     for i, t in turns:
-        for valid in (True, False):
-            j = next(j for j, (answer, _, _) in enumerate(steps[i][t]) if (answer != invalid) == valid)
+        pair = [next(j for j, (answer, _, _) in enumerate(steps[i][t]) if (answer != invalid) == valid)
+                for valid in (True, False)]
+        value_gaps.append(rows[i]["candidates"][t][pair[0]][1] - rows[i]["candidates"][t][pair[1]][1])
+        for j in pair:
             answer, reward, done = steps[i][t][j]
-            action = {"role": "assistant", "content": rows[i]["candidates"][t][j][0]}
             own.append((float(reward), None if done else len(prefixes)))
             if not done:
+                action = {"role": "assistant", "content": rows[i]["candidates"][t][j][0]}
                 prefix = rows[i]["messages"][:2 * t + 1] + [action, {"role": "user", "content": answer}]
                 prefixes.append((rows[i]["id"], prefix))
     episodes = go_on(prefixes, n) if prefixes else []
     returns = [r + (0.0 if p is None else statistics.fmean(e["reward"] for e in episodes[p * n:(p + 1) * n]))
                for r, p in own]
     gaps = [v - w for v, w in zip(returns[0::2], returns[1::2])]
-    return {"turns": len(turns), "continuations": n, "after_valid": mean_or_none(returns[0::2]),
-            "after_invalid": mean_or_none(returns[1::2]), "gap": mean_or_none(gaps),
-            "gap_se": statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else None}
+    out = {"turns": len(turns), "episodes": len({i for i, _ in turns}), "continuations": n,
+           "after_valid": mean_or_none(returns[0::2]), "after_invalid": mean_or_none(returns[1::2]),
+           "gap": mean_or_none(gaps), "gap_se": None, "value_gap": mean_or_none(value_gaps), "correlation": None}
+    if len(gaps) > 1:
+        by_row = {}
+        for (i, _), g in zip(turns, gaps):
+            by_row[i] = by_row.get(i, 0.0) + g - out["gap"]
+        out["gap_se"] = math.sqrt(sum(x * x for x in by_row.values())) / len(gaps)
+        try:
+            out["correlation"] = statistics.correlation(value_gaps, gaps)
+        except statistics.StatisticsError:   # one of them constant
+            pass
+    return out
 
 
 def mean_or_none(xs):
@@ -290,7 +305,7 @@ def agent_stats(rows, invalid, values=None, validity=None):
     return out
 
 
-def agent(args, env_factory, run_episodes):
+def agent_eval(args, env_factory, run_episodes):
     """agent.py eval's transcripts: per split and method, how often and with which verbs actions fail, (with
     --value) how well V at each turn's end tells successful episodes and valid actions apart, and for best-of-K
     how well it tells a turn's valid candidates from its invalid ones (each candidate stepped in a replayed copy of
@@ -307,6 +322,8 @@ def agent(args, env_factory, run_episodes):
         with data.as_user_error():
             value_model = ValueModel.from_pretrained(args.value).eval()
             tokenizer = data.Tokenizer.from_pretrained(args.value)
+    if args.returns < 0:
+        raise data.UserError(f"--returns {args.returns}: give a number of continuations, 1 or more (0: none)")
     if args.returns:   # the policy's continuations
         if not args.policy:
             raise data.UserError("--returns: give --policy FOLDER, the policy that continues the episodes")
@@ -329,16 +346,19 @@ def agent(args, env_factory, run_episodes):
                 validity = [candidate_validity(s, args.invalid) for s in steps]
             d = agent_stats(rows, args.invalid, values, validity)
             result["splits"].setdefault(split, {})[method] = d
-            if validity is not None and args.returns:
+            if args.returns and validity is None:
+                print(f"agent diagnose: {split} {method}: no best-of-K candidates (or an eval without its env): "
+                      "--returns skipped", flush=True)
+            elif args.returns:
                 def go_on(prefixes, n):   # the policy's continuations
                     print(f"agent diagnose: {split} {method}: {n} continuations of {len(prefixes)} prefixes",
                           flush=True)
-                    return run_episodes(policy, policy_tokenizer, make_env, [tasks[i] for i, _ in prefixes], n,
-                                        report["seed"], args.batch_size, [p for _, p in prefixes],
-                                        temperature=args.temperature, max_action_tokens=args.max_action_tokens,
-                                        max_turns=report["max_steps"])
+                    return run_episodes(policy, policy_tokenizer, make_env, [tasks[i] for i, _ in prefixes],
+                                        samples=n, seed=report["seed"], batch_size=args.batch_size,
+                                        prefixes=[p for _, p in prefixes], temperature=args.temperature,
+                                        max_action_tokens=args.max_action_tokens, max_turns=report["max_steps"])
                 d["return_gap"] = return_gap(rows, steps, args.invalid, go_on, args.returns, args.turns,
-                                                      report["seed"])
+                                             report["seed"])
             top = ", ".join(f"{v} {s['share']:.2f} ({s['invalid']:.2f})" for v, s in list(d["by_verb"].items())[:6])
             line = (f"agent diagnose: {split:>7} {method:>8} success {d['success']:.3f} | {d['actions']} actions, "
                     f"{d['invalid']:.3f} answered {args.invalid!r}; by verb, share (invalid): {top}")
@@ -354,7 +374,8 @@ def agent(args, env_factory, run_episodes):
                 g = d["return_gap"]
                 line += (f" | return after a valid / an invalid candidate ({g['turns']} of those turns, "
                          f"{args.returns} continuations each): {g['after_valid']:.3f} / {g['after_invalid']:.3f}, "
-                         f"gap {g['gap']:+.3f} ± {g['gap_se']:.3f}")
+                         f"gap {g['gap']:+.3f} ± {g['gap_se']:.3f} (V's there {g['value_gap']:+.3f}, "
+                         f"correlation {g['correlation'] if g['correlation'] is None else round(g['correlation'], 3)})")
             print(line, flush=True)
     if args.out:
         data.write_text(args.out, json.dumps(result, indent=1))

@@ -2,6 +2,7 @@
 only on success, the splits; batched rollouts against one-at-a-time ones, the value read where training puts it,
 masks on assistant tokens only, and collect's resume. Tiny random models and the byte-level tokenizer."""
 import json
+import math
 import os
 import random
 import statistics
@@ -199,6 +200,8 @@ def test_an_episode_continued_from_its_prefix_is_the_rest_of_the_full_episode():
                               prefixes=prefixes)
     for a, b in zip(full, rest):
         assert b["messages"] == a["messages"] and b["steps"] == a["steps"] - 2 and b["reward"] == a["reward"]
+    with pytest.raises(data.UserError, match="or ends with an action"):
+        agent.run_episodes(policy, TOKENIZER, env, tasks[:1], temperature=0.0, prefixes=[full[0]["messages"][:4]])
     prefixes[1][2]["content"] = "You see a unicorn."
     with pytest.raises(data.UserError, match=f"task {tasks[1]['id']}: the environment does not replay the prefix"):
         agent.run_episodes(policy, TOKENIZER, env, tasks, max_action_tokens=10, temperature=0.0, prefixes=prefixes)
@@ -372,21 +375,32 @@ def test_candidate_validity_steps_each_candidate_in_a_replayed_copy_and_the_with
     last_of_highest = {**row, "candidates": [[[plan[0], 0.5], ["xyzzy", 0.5], [bad, 0.1]]] + candidates[1:]}
     with pytest.raises(data.UserError, match="turn 0: the action 'xyzzy' is not the first of the highest"):
         diagnose.candidate_steps(make_env, task, last_of_highest)
-    # the return gap: continuations after the first valid and the first invalid candidate of each turn; the last
-    # plan action ends the episode (reward 1) and is not continued. A stand-in policy: after an invalid candidate,
-    # the episode succeeds when the prefix has an even number of turns; after a valid one, always.
+    # the return gap, on two copies of the row (two episodes): continuations after the first valid and the first
+    # invalid candidate of each turn; the last plan action ends the episode (reward 1) and is not continued. A
+    # stand-in policy: after a valid candidate every continuation succeeds; after an invalid one, sample s of the
+    # q-th prefix succeeds when q + s is a multiple of 3.
     seen = []
 
-    def go_on(prefixes, n):
+    def go_on(prefixes, k):
         seen.extend(prefixes)
-        return [{"reward": float(p[-2]["content"] not in bad + "xyzzy" or len(p) // 2 % 2 == 0)}
-                for _, p in prefixes for _ in range(n)]
-    g = diagnose.return_gap([row], [steps], NOTHING, go_on, 2, 100, seed=0)
-    assert len(seen) == 2 * n - 1 and all(i == task["id"] and p[-1]["role"] == "user" for i, p in seen)
-    assert [p[-2]["content"] for _, p in seen[:2]] == [plan[0], "xyzzy"] and seen[3][1][-2]["content"] == "xyzzy"
-    gaps = [float((t + 1) % 2) for t in range(n)]   # the invalid prefix at turn t has t + 1 turns: 0 when even
-    assert (g["turns"], g["after_valid"], g["gap"]) == (n, 1.0, pytest.approx(sum(gaps) / n))
-    assert g["gap_se"] == pytest.approx(statistics.stdev(gaps) / n ** 0.5)
+        return [{"reward": float(p[-2]["content"] not in (bad, "xyzzy") or (q + s) % 3 == 0)}
+                for q, (_, p) in enumerate(prefixes) for s in range(k)]
+    g = diagnose.return_gap([row, row], [steps, steps], NOTHING, go_on, 2, 100, seed=0)
+    assert len(seen) == 2 * (2 * n - 1) and all(i == task["id"] and p[-1]["role"] == "user" for i, p in seen)
+    assert [p[-2]["content"] for _, p in seen[:4]] == [plan[0], "xyzzy", plan[0], "xyzzy"]   # turn t > 0: plan[t - 1]
+    gaps, q = [], 0   # the same walk by hand: turn by turn, the valid prefix (if any) and then the invalid one
+    for _ in range(2):
+        for turn in range(n):
+            q += turn < n - 1
+            gaps.append(1.0 - sum((q + s) % 3 == 0 for s in range(2)) / 2)
+            q += 1
+    mean = sum(gaps) / len(gaps)
+    clustered = math.sqrt(sum(sum(x - mean for x in gaps[r * n:(r + 1) * n]) ** 2 for r in range(2))) / len(gaps)
+    value_gaps = [0.0] + [0.3 - 0.2] * (n - 1)
+    assert (g["turns"], g["episodes"], g["after_valid"]) == (2 * n, 2, 1.0)
+    assert g["gap"] == pytest.approx(mean) and g["gap_se"] == pytest.approx(clustered)
+    assert g["value_gap"] == pytest.approx(sum(value_gaps) / n)
+    assert g["correlation"] == pytest.approx(statistics.correlation(value_gaps * 2, gaps))
     assert diagnose.return_gap([row], [steps], NOTHING, go_on, 2, 3, seed=0)["turns"] == 3   # at most max_turns
     messages[4]["content"] = "You see a unicorn."
     with pytest.raises(data.UserError, match="turn 1: the replayed environment answers otherwise"):
