@@ -414,13 +414,16 @@ def build_parser():
     p.add_argument("--p-poor-search", type=float, default=0.5, help="chance of searching in a random order")
     p.add_argument("--p-skip", type=float, default=0.3, help="chance of skipping the clean/heat/cool step")
     p.add_argument("--p-wrong-place", type=float, default=0.2, help="chance of a put in the wrong receptacle")
-    model = argparse.ArgumentParser(add_help=False)
-    g = model.add_argument_group("model and sampling")
-    g.add_argument("--policy", required=True, help="policy checkpoint folder (config.json, safetensors, tokenizer)")
+    sampling = argparse.ArgumentParser(add_help=False)   # rollouts: collect, eval, diagnose --returns
+    g = sampling.add_argument_group("sampling")
     data.add_device_flags(g)
-    g.add_argument("--temperature", type=float, default=1.0, help="collect, sample and bestofK (paper: 1.0)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="collect, sample, bestofK and diagnose --returns (paper: 1.0)")
     g.add_argument("--max-action-tokens", type=int, default=48, help="an action's length limit in tokens")
     g.add_argument("--batch-size", type=int, default=32, help="episodes stepped together")
+    model = argparse.ArgumentParser(add_help=False, parents=[sampling])
+    model.add_argument("--policy", required=True, help="policy checkpoint folder (config.json, safetensors, "
+                       "tokenizer)")
     p = sub.add_parser("collect", parents=[common, model], help="K episodes per training task -> {messages, reward}")
     p.add_argument("-k", "--k", type=int, default=4, help="episodes per task")
     p.add_argument("--tasks", type=int, default=600, help="training tasks")
@@ -429,9 +432,9 @@ def build_parser():
     p.add_argument("--methods", default="greedy,bestof3", help="comma-separated: greedy, sample, bestofK")
     p.add_argument("--splits", default="seen,unseen", help="comma-separated splits")
     p.add_argument("--tasks", type=int, default=0, help="tasks per split (0: all)")
-    p = sub.add_parser("diagnose", help="eval's transcripts: failing actions by verb; V's AUC at turn ends; "
-                                        "best-of-K: does V rank a turn's valid candidates first, and (--returns) "
-                                        "the returns it would have to rank")
+    p = sub.add_parser("diagnose", parents=[sampling],
+                       help="eval's transcripts: failing actions by verb; V's AUC at turn ends; best-of-K: does V "
+                            "rank a turn's valid candidates first, and (--returns) the returns it would have to rank")
     p.add_argument("--eval", required=True, help="an agent.py eval output (JSON)")
     p.add_argument("--value", help="value model folder: also V at each turn's end (mean, AUCs); the within-turn "
                                    "measures read the values best-of-K recorded")
@@ -440,10 +443,6 @@ def build_parser():
                    "and after an invalid candidate of each of --turns partly valid turns (0: none)")
     p.add_argument("--turns", type=int, default=200, help="partly valid turns drawn for --returns")
     p.add_argument("--policy", help="the policy that continues (--returns)")
-    data.add_device_flags(p)
-    p.add_argument("--temperature", type=float, default=1.0, help="the continuations' sampling temperature")
-    p.add_argument("--max-action-tokens", type=int, default=48, help="an action's length limit in tokens")
-    p.add_argument("--batch-size", type=int, default=32, help="episodes stepped together")
     p.add_argument("--out", help="output file (JSON)")
     return parser
 
