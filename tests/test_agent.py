@@ -6,8 +6,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,10 +17,10 @@ import household
 import search
 from household import NOTHING, TASK_TYPES, HouseholdEnv
 from model import ValueModel
+from tests.launch import launch
 from tiny_models import tiny_model
 
 TOKENIZER = data.Tokenizer.byte_level()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -259,9 +257,8 @@ def test_collect_on_two_torchrun_ranks_writes_the_same_file_as_one_process(polic
     tmp_path, policy, _ = policy_dirs
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     agent.main(collect_args(policy, one))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(ROOT, "agent.py"), *collect_args(policy, two)],
-                   check=True, capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = launch("agent.py", collect_args(policy, two), nproc=2, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     assert two.read_text() == one.read_text()
 
 

@@ -8,7 +8,6 @@ in one process and sharded by FSDP2 over 2 CPU processes (gloo; this file is als
 import argparse
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.linear  # noqa: E402
 import oreo  # noqa: E402
 from model import Config, Transformer, ValueModel  # noqa: E402
+from tests.launch import launch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["token", "step", "response"]
@@ -158,8 +158,7 @@ def test_gpu_fused_step_with_triton_kernels_gives_the_materialised_gradients():
 
 def test_fused_step_under_fsdp_on_two_processes_gives_the_materialised_gradients():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "--worker"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = launch(__file__, ["--worker"], nproc=2, env=env, timeout=300)
     assert p.returncode == 0, f"FSDP worker failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     assert p.stdout.count("ok ") == 2 * len(cases()), p.stdout[-3000:]
 

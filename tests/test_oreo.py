@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import oreo
 from tests.hf_models import make_checkpoint
+from tests.launch import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread per process: 1-process and 2-process runs then do the same arithmetic, and the 2 shared cores suffice.
@@ -166,12 +167,20 @@ def traj_file(tmp_path_factory):
 
 
 def run(args, nproc=1, timeout=120):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
-    p = subprocess.run(launcher + [os.path.join(ROOT, "oreo.py")] + args, env=ENV, capture_output=True, text=True,
-                       timeout=timeout)
+    p = launch("oreo.py", args, nproc=nproc, env=ENV, timeout=timeout)
     assert p.returncode == 0, f"oreo.py {' '.join(args)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return p
+
+
+def test_a_launch_that_hangs_fails_with_the_stack_of_every_process(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import time\n\ndef wait_forever():\n    time.sleep(1000)\n\nwait_forever()\n")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        launch(str(script), [], nproc=2, env=ENV, timeout=10)
+    message = str(failure.value)
+    assert "still running after 10 s" in message, message
+    assert message.count("in wait_forever") == 2, message  # both workers' stacks, from faulthandler
+    assert "in _invoke_run" in message, message            # and torchrun's
 
 
 def weights(out):

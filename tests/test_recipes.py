@@ -8,8 +8,6 @@ official code's character-offset rule), the NLL means, and the one-line user err
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,19 +16,13 @@ import data
 import options
 import oreo
 import search
-from model import LoRALinear, Transformer, ValueModel, add_lora, merge_lora
+from model import LoRALinear, ValueModel, add_lora, merge_lora
 from tests.hf_models import make_checkpoint
+from tests.launch import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 TINY = ["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--builtin-problems", "64", "--save-every", "0"]
-
-
-def launch(script, args, nproc=1, timeout=180):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + [os.path.join(ROOT, script)] + args, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def checkpoint_weights(out):
@@ -71,8 +63,8 @@ def test_torchrun_two_processes_without_batch_flags_train_like_one_process(tmp_p
     # The full no-argument command takes ≈ 30 s on one process and ≈ 80 s on two loaded cores (62 steps); three
     # steps of it show the same thing: 2 × 16 sequences per step are the 32 of the one-process run.
     args = ["--max-steps", "3", "--save-every", "0"]
-    one = launch("oreo.py", args + ["--out", str(tmp_path / "one")])
-    two = launch("oreo.py", args + ["--out", str(tmp_path / "two")], nproc=2)
+    one = launch("oreo.py", args + ["--out", str(tmp_path / "one")], env=ENV, timeout=180)
+    two = launch("oreo.py", args + ["--out", str(tmp_path / "two")], nproc=2, env=ENV, timeout=180)
     for p in (one, two):
         assert p.returncode == 0, p.stderr[-3000:]
     assert "batch 32 = 16 × 1 accumulation × 2" in two.stdout and "batch 32 = 32 × 1 accumulation × 1" in one.stdout
@@ -93,7 +85,7 @@ def test_every_loss_finds_training_examples_in_the_builtin_task(loss):
 
 
 def test_an_impossible_batch_under_torchrun_is_printed_once_without_our_traceback(tmp_path):
-    p = launch("oreo.py", ["--micro-batch-size", "32", "--out", str(tmp_path)], nproc=2)
+    p = launch("oreo.py", ["--micro-batch-size", "32", "--out", str(tmp_path)], nproc=2, env=ENV, timeout=180)
     assert p.returncode != 0
     ours = [line for line in p.stderr.splitlines() if line.startswith("oreo.py: error:")]
     assert len(ours) == 1 and "--micro-batch-size 16" in ours[0], p.stderr[-3000:]
@@ -333,7 +325,8 @@ def test_every_command_line_stops_a_users_mistake_with_one_line_and_status_2(scr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b", "reward": 1}\n{not json\n')
     args = [str(bad) if a == "BAD" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in args]
-    p = launch(script, args + (["--out", str(tmp_path / "out")] if script == "oreo.py" else []))
+    p = launch(script, args + (["--out", str(tmp_path / "out")] if script == "oreo.py" else []), env=ENV,
+               timeout=180)
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"{script}: error: "), p.stderr
     assert message.replace("BAD", str(bad)).replace("NOWHERE", str(tmp_path / "nowhere")) in p.stderr, p.stderr

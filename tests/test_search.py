@@ -3,8 +3,6 @@ cached beam search and best-of-K against their full-recompute references, the st
 and its resume, eval, and the errors a user can cause. Tiny random models and the byte-level tokenizer."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import engine
 import loading
 import search
 from model import Config, ValueModel
+from tests.launch import launch
 from tiny_models import tiny_model
 
 TOKENIZER = data.Tokenizer.byte_level()
@@ -387,10 +386,9 @@ def test_collect_on_two_torchrun_ranks_writes_the_same_file_as_one_process(run_f
     tmp_path, policy_dir, _, problem_file, _ = run_files
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     search.main(collect_args(policy_dir, problem_file, one))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(repo, "search.py"), *collect_args(policy_dir, problem_file, two)],
-                   check=True, capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = launch("search.py", collect_args(policy_dir, problem_file, two), nproc=2,
+               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
     assert two.read_text() == one.read_text()
 
 
