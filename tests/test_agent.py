@@ -1,11 +1,14 @@
 """household.py and agent.py: every task type solved by its expert plan, impossible actions change nothing, reward
 only on success, the splits; batched rollouts against one-at-a-time ones, the value read where training puts it,
-masks on assistant tokens only, and collect's resume. Tiny random models and the byte-level tokenizer."""
+masks on assistant tokens only, and collect's resume, on tiny random models and the byte-level tokenizer; last, `bash
+train.sh agent` whole at tiny size."""
 import json
 import math
 import os
 import random
 import statistics
+import subprocess
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ import household
 import search
 from household import NOTHING, TASK_TYPES, HouseholdEnv
 from model import ValueModel
-from tests.launch import launch
+from tests.launch import ROOT, launch
 from tiny_models import tiny_model
 
 TOKENIZER = data.Tokenizer.byte_level()
@@ -402,3 +405,95 @@ def test_candidate_validity_steps_each_candidate_in_a_replayed_copy_and_the_with
     messages[4]["content"] = "You see a unicorn."
     with pytest.raises(data.UserError, match="turn 1: the replayed environment answers otherwise"):
         diagnose.candidate_steps(make_env, task, row)
+
+
+# ---- train.sh agent: the whole pipeline at tiny size --------------------------------------------------------
+
+# 3 training tasks, learnt by heart (80 epochs) so that the 12 episodes collected per task hold successes for RS
+# and DPO (seed 5: 10 of 36)
+A_TINY = {"A_TRAIN": "3", "A_DEMOS": "8", "A_K": "12", "A_EVAL": "2", "A_MAX_STEPS": "20", "A_BEST_OF": "2",
+          "A_SFT_EPOCHS": "80", "A_SFT_BATCH": "8", "A_STEPS": "4", "A_BATCH": "2",
+          "A_MODEL": "--n-layer 2 --d-model 64 --n-head 2"}
+A_RUNS = ("sft", "rs", "dpo", "oreo", "oreo_step")
+
+
+def replayed(row, split, seed, max_steps):
+    """Step a fresh environment through a transcript's actions: (its observations, the reward it gave)."""
+    env = HouseholdEnv(split, seed, max_steps)
+    task = next(t for t in env.tasks() if t["id"] == row["id"])
+    observations, reward = [env.reset(task)], 0.0
+    for message in row["messages"][1::2]:
+        observation, r, _ = env.step(message["content"])
+        observations.append(observation)
+        reward += r
+    return observations, reward
+
+
+def test_train_sh_agent_runs_every_stage_into_the_results_table_and_a_rerun_skips_them(tmp_path):
+    out, seed = tmp_path / "agent", 5
+    cmd = ["bash", os.path.join(ROOT, "train.sh"), "agent", "--out", str(out), "--seed", str(seed)]
+    env = {**os.environ, **A_TINY, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, f"train.sh agent failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+    # the data: demonstrations and collected episodes of the 3 training tasks, as the environment answers them
+    ids = [t["id"] for t in HouseholdEnv("train", seed).tasks(n=3)]
+    for name, per_task in (("demos", 8), ("episodes", 12)):
+        rows = data.load_trajectories(str(out / "data" / f"{name}.jsonl"))
+        assert sorted(r["id"] for r in rows) == sorted(ids * per_task), name
+        for r in rows:
+            observations, reward = replayed(r, "train", seed, 20)
+            assert [m["content"] for m in r["messages"][0::2]] == observations and r["reward"] == reward, name
+    # every trainer: its logged steps and exported models; OREO's value models
+    for name in A_RUNS:
+        steps = [json.loads(line)["step"] for line in open(out / name / "log.jsonl")]
+        assert steps == list(range(1, len(steps) + 1)) and (name == "sft" or len(steps) == 4), name
+        assert (out / name / "policy" / "config.json").exists(), name
+    for name in ("oreo", "oreo_step"):
+        assert (out / name / "value" / "value_head.safetensors").exists(), name
+    sft = (str(out / "init"), str(out / "data" / "demos.jsonl"))  # SFT on the demonstrations; the others from its
+    offline = (str(out / "sft" / "policy"), str(out / "data" / "episodes.jsonl"))  # policy on the collected episodes
+    for name, start, loss, variant in (("sft", sft, "sft", "token"), ("rs", offline, "rs", "token"),
+                                       ("dpo", offline, "dpo", "token"), ("oreo", offline, "oreo", "token"),
+                                       ("oreo_step", offline, "oreo", "step")):
+        args = torch.load(out / name / "ckpt.pt", map_location="cpu", weights_only=False)["args"]
+        assert (args["init"], args["data"], args["loss"], args["variant"]) == (*start, loss, variant), name
+    # the evaluations: 2 tasks per split, each method's success the mean of its episodes' rewards
+    methods = {"sft": ["greedy"], "rs": ["greedy"], "dpo": ["greedy"], "oreo": ["greedy", "sample", "bestof2"],
+               "oreo_step": ["greedy", "sample", "bestof2"], "oreo_t05": ["sample", "bestof2"]}
+    for name, expected in methods.items():
+        report = json.loads((out / "eval" / f"{name}.json").read_text())
+        trained = "oreo" if name == "oreo_t05" else name
+        assert report["policy"] == str(out / trained / "policy"), name
+        assert report["value"] == (str(out / trained / "value") if trained.startswith("oreo") else None), name
+        for split in ("seen", "unseen"):
+            assert sorted(report["summary"][split]) == sorted(expected), name
+            for method in expected:
+                episodes = report["per_task"][split][method]
+                assert [e["id"] for e in episodes] == [f"{split}-{i}" for i in range(2)], (name, method)
+                assert report["summary"][split][method]["success"] == pytest.approx(
+                    statistics.mean(e["reward"] for e in episodes)), (name, split, method)
+                for e in episodes:
+                    assert replayed(e, split, seed, 20)[1] == e["reward"], (name, split, method)
+    # the table: every row on both splits, its one seed's number the eval file's
+    rows = {"SFT": ("sft", "greedy"), "RS": ("rs", "greedy"), "DPO": ("dpo", "greedy"),
+            "OREO-token": ("oreo", "greedy"), "OREO-step": ("oreo_step", "greedy"),
+            "OREO-token, sampling (T 1)": ("oreo", "sample"), "OREO-token + best-of-2": ("oreo", "bestof2"),
+            "OREO-step, sampling (T 1)": ("oreo_step", "sample"), "OREO-step + best-of-2": ("oreo_step", "bestof2"),
+            "OREO-token, sampling (T 0.5)": ("oreo_t05", "sample"),
+            "OREO-token + best-of-2 (T 0.5)": ("oreo_t05", "bestof2")}
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert sorted(table) == sorted(f"{split}: {label}" for split in ("seen", "unseen") for label in rows)
+    for label, (name, method) in rows.items():
+        summary = json.loads((out / "eval" / f"{name}.json").read_text())["summary"]
+        for split in ("seen", "unseen"):
+            assert table[f"{split}: {label}"]["seeds"] == [summary[split][method]["success"]], label
+    ET.fromstring((out / "results.svg").read_text())  # a well-formed SVG
+
+    # a re-run finds every stage done and changes nothing
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "logs" not in f.parts}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "logs" not in f.parts}
+    changed = [str(f) for f in after if before.get(f) != after[f] and f.name not in ("results.json", "results.svg")]
+    assert not changed, changed
