@@ -1,9 +1,11 @@
 """
-Run a repository script as a subprocess for a test, on one process or on N local torchrun processes. A run that
-outlives its timeout fails the test with the Python stack of every process it started: they run with
-PYTHONFAULTHANDLER=1 and get SIGABRT before SIGKILL, so a rare hang says where it is.
+Run a command as a subprocess for a test: a repository script on one process or on N local torchrun processes
+(launch), or any command line such as `bash train.sh` (run). A command that outlives its timeout fails the test
+with the Python stack of every process it started that is still alive: they run with PYTHONFAULTHANDLER=1 and get
+SIGABRT (no core file) before SIGKILL, so a rare hang says where it is.
 """
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -15,27 +17,50 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(script, args, nproc=1, env=None, timeout=120):
-    """`script` (a path under the repository root) with `args`; returns the CompletedProcess (text output)."""
+    """`script` (a path relative to the repository root, or absolute) with `args`; returns the CompletedProcess."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
-    cmd = launcher + [os.path.join(ROOT, script)] + [str(a) for a in args]
+    return run(launcher + [os.path.join(ROOT, script)] + [str(a) for a in args], env=env, timeout=timeout)
+
+
+def run(cmd, env=None, timeout=120):
+    """The command line `cmd`, from the repository root; returns the CompletedProcess (text output)."""
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pids = [p.pid] + descendants(p.pid)  # the launcher first: torchrun would stop its workers
-        for sig, wait in ((signal.SIGABRT, 1), (signal.SIGKILL, 0)):  # on SIGABRT faulthandler prints the stacks,
-            for pid in pids:                                          # one process at a time
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-                time.sleep(wait)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(cmd)}\nstill running after {timeout} s. Its output ends:\n{out[-2000:]}\n"
-                    f"and its stacks (SIGABRT, faulthandler):\n{err[-12000:]}", pytrace=False)
+    no_core = lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # noqa: E731 (inherited by every child)
+    with subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=no_core) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(p.pid, signal.SIGABRT)  # faulthandler prints each one's threads
+            out, err = p.communicate(timeout=30)
+            pytest.fail(f"{' '.join(cmd)}\nstill running after {timeout} s. Its output ends:\n{out[-2000:]}\n"
+                        f"and its stacks (SIGABRT, faulthandler):\n{err[-12000:]}", pytrace=False)
+        except BaseException:  # e.g. KeyboardInterrupt: leave nothing running
+            stop(p.pid, signal.SIGKILL)
+            raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def stop(pid, sig):
+    """Send sig to pid and then to each process below it, one at a time, then SIGKILL to any still alive. pid comes
+    first: were a torchrun worker aborted first, torchrun would stop the others before their stacks print. Each is
+    held by a pidfd, so a signal never reaches another process that has taken over an exited one's number."""
+    handles = []
+    for q in [pid] + descendants(pid):
+        try:
+            handles.append(os.pidfd_open(q))
+        except ProcessLookupError:  # exited meanwhile
+            pass
+    for s, wait in ([(sig, 1)] if sig != signal.SIGKILL else []) + [(signal.SIGKILL, 0)]:
+        for fd in handles:
+            try:
+                signal.pidfd_send_signal(fd, s)
+            except ProcessLookupError:  # already exited
+                continue
+            time.sleep(wait)
+    for fd in handles:
+        os.close(fd)
 
 
 def descendants(pid):

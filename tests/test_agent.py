@@ -7,7 +7,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -20,7 +19,7 @@ import household
 import search
 from household import NOTHING, TASK_TYPES, HouseholdEnv
 from model import ValueModel
-from tests.launch import ROOT, launch
+from tests.launch import ROOT, launch, run
 from tiny_models import tiny_model
 
 TOKENIZER = data.Tokenizer.byte_level()
@@ -410,7 +409,8 @@ def test_candidate_validity_steps_each_candidate_in_a_replayed_copy_and_the_with
 # ---- train.sh agent: the whole pipeline at tiny size --------------------------------------------------------
 
 # 3 training tasks, learnt by heart (80 epochs) so that the 12 episodes collected per task hold successes for RS
-# and DPO (seed 5: 10 of 36)
+# and DPO (seed 5: 10 of 36 on the Xeon of the README; another CPU rounds differently and may collect fewer, and
+# with fewer than 2 RS and DPO stop with one error line naming the file)
 A_TINY = {"A_TRAIN": "3", "A_DEMOS": "8", "A_K": "12", "A_EVAL": "2", "A_MAX_STEPS": "20", "A_BEST_OF": "2",
           "A_SFT_EPOCHS": "80", "A_SFT_BATCH": "8", "A_STEPS": "4", "A_BATCH": "2",
           "A_MODEL": "--n-layer 2 --d-model 64 --n-head 2"}
@@ -432,8 +432,9 @@ def replayed(row, split, seed, max_steps):
 def test_train_sh_agent_runs_every_stage_into_the_results_table_and_a_rerun_skips_them(tmp_path):
     out, seed = tmp_path / "agent", 5
     cmd = ["bash", os.path.join(ROOT, "train.sh"), "agent", "--out", str(out), "--seed", str(seed)]
-    env = {**os.environ, **A_TINY, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("A_") and k != "PARALLEL"}, **A_TINY,
+           "OMP_NUM_THREADS": "1"}
+    p = run(cmd, env=env, timeout=900)
     assert p.returncode == 0, f"train.sh agent failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
 
     # the data: demonstrations and collected episodes of the 3 training tasks, as the environment answers them
@@ -446,8 +447,8 @@ def test_train_sh_agent_runs_every_stage_into_the_results_table_and_a_rerun_skip
             assert [m["content"] for m in r["messages"][0::2]] == observations and r["reward"] == reward, name
     # every trainer: its logged steps and exported models; OREO's value models
     for name in A_RUNS:
-        steps = [json.loads(line)["step"] for line in open(out / name / "log.jsonl")]
-        assert steps == list(range(1, len(steps) + 1)) and (name == "sft" or len(steps) == 4), name
+        steps = [json.loads(line)["step"] for line in (out / name / "log.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) == (240 if name == "sft" else 4), name
         assert (out / name / "policy" / "config.json").exists(), name
     for name in ("oreo", "oreo_step"):
         assert (out / name / "value" / "value_head.safetensors").exists(), name
@@ -490,10 +491,11 @@ def test_train_sh_agent_runs_every_stage_into_the_results_table_and_a_rerun_skip
             assert table[f"{split}: {label}"]["seeds"] == [summary[split][method]["success"]], label
     ET.fromstring((out / "results.svg").read_text())  # a well-formed SVG
 
-    # a re-run finds every stage done and changes nothing
-    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "logs" not in f.parts}
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
-    after = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "logs" not in f.parts}
-    changed = [str(f) for f in after if before.get(f) != after[f] and f.name not in ("results.json", "results.svg")]
-    assert not changed, changed
+    # a re-run starts no stage and changes no file but the report's
+    def files():
+        return {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "logs" not in f.parts
+                and f.name not in ("results.json", "results.svg")}
+    before = files()
+    p = run(cmd, env=env, timeout=300)
+    assert p.returncode == 0 and " start " not in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert files() == before

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -20,6 +19,7 @@ import diagnose
 import oreo
 import report
 from model import Config, Transformer, ValueModel
+from tests.launch import run as run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, STEPS = 3, 24
@@ -189,9 +189,8 @@ def test_agent_report_rows_come_from_each_eval_file_and_average_over_seeds(tmp_p
 # ---- the whole pipeline at tiny size -----------------------------------------------------------------------
 
 def run_train_sh(out, timeout=1200, rounds=2):
-    proc = subprocess.run(["bash", os.path.join(ROOT, "train.sh"), "--out", str(out), "--seed", "1",
-                           "--rounds", str(rounds)],
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = run_command(["bash", os.path.join(ROOT, "train.sh"), "--out", str(out), "--seed", "1",
+                        "--rounds", str(rounds)], env=ENV, timeout=timeout)
     assert proc.returncode == 0, f"train.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
