@@ -458,7 +458,8 @@ def main(argv=None):
         print(f"saved {ckpt_path}, {args.out}/policy" + (f", {args.out}/value" if value is not None else ""))
     if run.ddp:
         # Free the DDP wrappers (their reducers hold the process group) before the group goes: freed after it, when
-        # main returned, a gloo rank now and then never exited (tests on 2 CPU processes, about 1 run in 10).
+        # main returned, a gloo rank sometimes never exited (2 CPU processes beside a busy core: 1 hang in 5 runs of
+        # the resume tests before this, none in 24 after).
         for t in trained:
             t.model = None
         gc.collect()
