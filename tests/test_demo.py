@@ -19,9 +19,8 @@ import diagnose
 import oreo
 import report
 from model import Config, Transformer, ValueModel
-from tests.launch import run as run_command
+from tests.launch import ROOT, run as run_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, STEPS = 3, 24
 # two operations per problem: enough right answers among the samples for the value to have something to learn
 TINY = {"N_TRAIN": "48", "N_VAL": "8", "N_TEST": "24", "N_OPS": "2", "DEMOS": "2", "SFT_EPOCHS": "20", "K": str(K),

@@ -18,9 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.linear  # noqa: E402
 import oreo  # noqa: E402
 from model import Config, Transformer, ValueModel  # noqa: E402
-from tests.launch import launch  # noqa: E402
+from tests.launch import ROOT, launch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["token", "step", "response"]
 LOSSES = ["sft", "dpo", "kto"]
 TOL = dict(rtol=1e-4, atol=1e-6)

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 import oreo
 from tests.hf_models import make_checkpoint
-from tests.launch import launch
+from tests.launch import ROOT, launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread per process: 1-process and 2-process runs then do the same arithmetic, and the 2 shared cores suffice.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 TINY = ["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--max-len", "40", "--lr", "3e-3"]

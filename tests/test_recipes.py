@@ -18,9 +18,8 @@ import oreo
 import search
 from model import LoRALinear, ValueModel, add_lora, merge_lora
 from tests.hf_models import make_checkpoint
-from tests.launch import launch
+from tests.launch import ROOT, launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 TINY = ["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--builtin-problems", "64", "--save-every", "0"]
 
